@@ -1,0 +1,5 @@
+import sys
+
+from kpbench.cli import main
+
+sys.exit(main())

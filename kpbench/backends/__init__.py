@@ -1,0 +1,56 @@
+"""Backends: where a cell runs. `auto` picks kind when Docker and kind are usable, else sim."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from kpbench.backends.base import Backend, CellResult, PreflightError, Progress, Unsupported
+
+BACKEND_CHOICES = ("auto", "sim", "lab", "kind", "cluster")
+NOT_BUILT = {
+    "lab": "the lab backend is not built yet in this version of kpbench",
+    "kind": "the kind backend is not built yet in this version of kpbench",
+    "cluster": "the cluster backend is not built yet in this version of kpbench",
+}
+
+__all__ = [
+    "BACKEND_CHOICES", "Backend", "CellResult", "PreflightError", "Progress", "Unsupported",
+    "docker_and_kind", "resolve",
+]
+
+
+def docker_and_kind() -> str | None:
+    """None when Docker (or podman) answers and kind is on PATH, else why not."""
+    if shutil.which("kind") is None:
+        return "kind is not on PATH"
+    for engine in ("docker", "podman"):
+        if shutil.which(engine) is None:
+            continue
+        try:
+            subprocess.run([engine, "info"], capture_output=True, timeout=20, check=True)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        return None
+    return "no Docker or podman engine answers"
+
+
+def resolve(name: str) -> tuple[Backend, str | None]:
+    """The backend for `name`, and a note to show when `auto` chose it."""
+    note = None
+    if name == "auto":
+        reason = docker_and_kind()
+        if reason is None and "kind" not in NOT_BUILT:
+            name = "kind"
+            note = "backend auto -> kind (Docker and kind are usable)"
+        else:
+            why = reason or NOT_BUILT["kind"]
+            name = "sim"
+            note = f"backend auto -> sim ({why}); sim numbers are modelled, not measured"
+    if name in NOT_BUILT:
+        raise PreflightError(f"--backend {name}: {NOT_BUILT[name]}")
+    if name == "sim":
+        from kpbench.backends.sim import SimBackend
+
+        return SimBackend(), note
+    raise PreflightError(f"--backend {name}: unknown backend (choose from {', '.join(BACKEND_CHOICES)})")

@@ -1,0 +1,609 @@
+"""`sim`: a discrete-event model of the data planes, the control plane and the clients.
+
+Nothing here is measured: every number is modelled (design §6.1). Virtual time, one heap of
+`(time, sequence, kind, a, b)` so that equal times resolve in scheduling order, and independent
+random streams per component spawned from the cell's seed, so a seed always gives the same cell.
+
+Clients: `workload.connections` users, each holding one connection at a time, spread round-robin
+over `workload.clients` client pods, which are spread round-robin over the nodes. A user opens its
+connection through its node's data plane; if the data plane refuses it, or the chosen pod no
+longer accepts (a stale view), the attempt counts as failed and is retried at the next paced
+request (1 / requests_per_second later). A connection ends at the first of: its lifetime, the
+reconnect policy, the server's max connection age, or its pod shutting down (the server closes
+keep-alive connections on SIGTERM; the client notices at its next request). Requests are not
+simulated one by one: a request clock advances at the per-connection rate and each connection's
+count is the clock's advance while it was open. Behind the L7 proxy, the proxies hold one
+upstream connection per backend pod and spread requests evenly over the pods in their view.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kpbench import control, dataplane
+from kpbench.backends.base import CellResult, Progress
+from kpbench.config import ALL_MODES, ROOT_SEED, Cell, Experiment
+
+SHUTDOWN_SECONDS = 1.0  # SIGTERM -> connections closed -> process exits (within the grace period)
+PROXY_REPLICAS = 2
+EPHEMERAL_PORTS = (32768, 60999)
+
+# event kinds
+OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP = range(10)
+RAMP_BATCH = 2048
+
+CLOSE_REASONS = ["lifetime", "reconnect", "max-age", "server-shutdown", "reset", "load-change",
+                 "end"]
+_REASON = {name: code for code, name in enumerate(CLOSE_REASONS)}
+
+
+def client_ip(node: int, slot: int) -> int:
+    """198.18.<node>.<100 + slot> as an integer (RFC 2544 range, as the lab uses)."""
+    base = (198 << 24) + (18 << 16)
+    if slot < 150 and node < 256:
+        return base + (node << 8) + 100 + slot
+    return base + (1 << 16) + node * 4096 + slot  # more clients than a /24 holds: 198.19.x.y
+
+
+class SimBackend:
+    name = "sim"
+    measured = False
+
+    def preflight(self, experiment: Experiment) -> None:
+        return None
+
+    def unsupported_reason(self, mode: str) -> str | None:
+        return None
+
+    def versions(self) -> dict[str, Any]:
+        return {}
+
+    def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
+        return Simulation(cell).run(progress)
+
+    def close(self) -> None:
+        return None
+
+
+class Simulation:
+    """One cell in virtual time."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.cell = cell
+        cfg: Experiment = cell.config
+        self.cfg = cfg
+        # Workload and control streams depend on the seed only, so every mode sees the same
+        # clients and pod placement (common random numbers); the data plane's also on the mode.
+        streams = np.random.SeedSequence([ROOT_SEED, cell.seed]).spawn(2)
+        seeds = [int(s.generate_state(1)[0]) for s in streams]
+        self.rng_workload = random.Random(seeds[0])
+        self.rng_control = random.Random(seeds[1])
+        mode_key = ALL_MODES.index(cell.mode)
+        dataplane_stream = np.random.SeedSequence([ROOT_SEED, cell.seed, 1 + mode_key])
+        rng_dataplane = random.Random(int(dataplane_stream.generate_state(1)[0]))
+        self.nodes = cfg.cluster.nodes
+        self.selectors = [
+            dataplane.make_selector(cell.mode, random.Random(rng_dataplane.getrandbits(64)))
+            for _ in range(self.nodes)
+        ]
+        self.l7 = cfg.workload.proxy == "l7"
+        self.surge, self.unavailable = cfg.backend.rollout.resolve(cfg.backend.replicas)
+        self.replicas = cfg.backend.replicas
+        self.revision = 1
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        # pods
+        self.pods: list[control.Pod] = []
+        self.alive: dict[int, None] = {}  # created and not deleted, in creation order
+        self.accepting: list[bool] = []
+        self.active: list[int] = []
+        self.conns_total: list[int] = []
+        self.closed_requests: list[float] = []
+        self.open_clock_sum: list[float] = []
+        self.users_on: list[set[int]] = []
+        # request clock: requests one connection has made since t=0
+        self.rps = cfg.workload.requests_per_second
+        self.clock_base = 0.0
+        self.clock_t = 0.0
+        # L7: requests per pod in the proxies' view
+        self.proxy_view: tuple[int, ...] = ()
+        self.q_clock = 0.0
+        self.q_t = 0.0
+        self.q_joined: dict[int, float] = {}
+        self.connected_users = 0
+        # users
+        self.user_node: list[int] = []
+        self.user_ip: list[int] = []
+        self.user_pod: list[int] = []
+        self.user_gen: list[int] = []
+        self.user_opened: list[float] = []
+        self.user_clock: list[float] = []
+        self.user_conn: list[int] = []
+        self.wanted_users = 0
+        self.next_conn_id = 0
+        # outputs
+        self.event_rows: list[tuple[float, str, str, str]] = []
+        self.failed: dict[tuple[int, int], int] = {}  # (sample index, pod or -1) -> count
+        self.conn_cols: dict[str, list[Any]] = {
+            k: [] for k in ("conn_id", "client", "node", "pod", "opened_at", "closed_at",
+                            "reason", "requests")
+        }
+        self.sample_chunks: list[dict[str, np.ndarray]] = []
+        self.sync_pending = False
+        hpa = cfg.backend.hpa
+        self.autoscaler = (
+            control.Autoscaler(
+                hpa.min_replicas, hpa.max_replicas, hpa.target_cpu_utilization, hpa.tolerance,
+                hpa.scale_down_stabilization_seconds,
+            )
+            if hpa
+            else None
+        )
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def at(self, t: float, kind: int, a: int = 0, b: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, a, b))
+
+    def record(self, event: str, pod: int | None = None, **detail: Any) -> None:
+        name = self.pods[pod].name if pod is not None else ""
+        self.event_rows.append(
+            (self.now, event, name, json.dumps(detail, sort_keys=True) if detail else "")
+        )
+
+    # -- request clocks ------------------------------------------------------------------------
+
+    def request_clock(self, t: float) -> float:
+        return self.clock_base + self.rps * (t - self.clock_t)
+
+    def advance_proxy_clock(self, t: float) -> None:
+        if self.proxy_view:
+            self.q_clock += (t - self.q_t) * self.connected_users * self.rps / len(self.proxy_view)
+        self.q_t = t
+
+    # -- pods ----------------------------------------------------------------------------------
+
+    def create_pod(self, ready_now: bool = False) -> int:
+        index = len(self.pods)
+        node = control.place(self.pods, self.nodes, self.rng_control)
+        pod = control.Pod(index, f"backend-{self.revision}-{index:05d}", self.revision, node,
+                          self.now)
+        self.pods.append(pod)
+        self.alive[index] = None
+        self.accepting.append(False)
+        self.active.append(0)
+        self.conns_total.append(0)
+        self.closed_requests.append(0.0)
+        self.open_clock_sum.append(0.0)
+        self.users_on.append(set())
+        self.record("pod_created", index, node=self.node_name(node),
+                    revision=self.revision)
+        if ready_now:
+            self.pod_ready(index)
+        else:
+            self.at(self.now + self.cfg.backend.startup_seconds, READY, index)
+        return index
+
+    def node_name(self, node: int) -> str:
+        return f"node-{node + 1}"
+
+    def pod_ready(self, index: int) -> None:
+        pod = self.pods[index]
+        if not pod.live:
+            return
+        pod.ready_at = self.now
+        self.accepting[index] = True
+        self.record("pod_ready", index)
+        self.endpoints_changed()
+        if self.now > 0:
+            self.reconcile()
+
+    def terminate_pod(self, index: int, killed: bool = False) -> None:
+        pod = self.pods[index]
+        pod.terminating_at = self.now
+        self.accepting[index] = False
+        reason = "reset" if killed else "server-shutdown"
+        self.record("pod_killed" if killed else "pod_terminating", index,
+                    connections=self.active[index])
+        for user in sorted(self.users_on[index]):
+            self.close_connection(user, reason)
+            self.at(self.now + self.rng_workload.random() / self.rps, OPEN, user,
+                    self.user_gen[user])
+        if killed:
+            self.pod_deleted(index)
+        else:
+            grace = min(self.cfg.backend.termination_grace_seconds, SHUTDOWN_SECONDS)
+            self.at(self.now + grace, DELETED, index)
+        self.endpoints_changed()
+
+    def pod_deleted(self, index: int) -> None:
+        pod = self.pods[index]
+        if pod.deleted_at is not None:
+            return
+        pod.deleted_at = self.now
+        self.alive.pop(index, None)
+        self.record("pod_deleted", index)
+
+    def reconcile(self) -> None:
+        while True:
+            plan = control.reconcile(self.pods, self.replicas, self.revision, self.surge,
+                                     self.unavailable)
+            if not plan:
+                return
+            for pod in plan.delete:
+                self.terminate_pod(pod.index)
+            for _ in range(plan.create):
+                self.create_pod()
+
+    def serving(self) -> list[int]:
+        # Our server turns unready on SIGTERM, so no terminating pod is "serving": the
+        # serving-terminating fallback of kube-proxy would always be empty here.
+        return [i for i in self.alive if self.pods[i].ready]
+
+    def endpoints_changed(self) -> None:
+        if not self.sync_pending:
+            self.sync_pending = True
+            self.at(self.now + self.cfg.cluster.endpoint_sync_seconds, SYNC)
+
+    def sync(self) -> None:
+        self.sync_pending = False
+        serving = self.serving()
+        for selector in self.selectors:
+            selector.sync(serving, self.now)
+        if self.l7:
+            self.advance_proxy_clock(self.now)
+            old, new = set(self.proxy_view), set(serving)
+            for index in old - new:
+                self.closed_requests[index] += self.q_clock - self.q_joined.pop(index)
+                self.active[index] = 0
+            for index in new - old:
+                self.q_joined[index] = self.q_clock
+                self.active[index] = PROXY_REPLICAS
+                self.conns_total[index] += PROXY_REPLICAS
+            self.proxy_view = tuple(serving)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def add_users(self, count: int, over_seconds: float) -> None:
+        first = len(self.user_node)
+        for _ in range(count):
+            user = len(self.user_node)
+            client = user % self.cfg.workload.clients
+            node = client % self.nodes
+            self.user_node.append(node)
+            self.user_ip.append(client_ip(node, client // self.nodes))
+            self.user_pod.append(-1)
+            self.user_gen.append(0)
+            self.user_opened.append(0.0)
+            self.user_clock.append(0.0)
+            self.user_conn.append(-1)
+        self.wanted_users = len(self.user_node)
+        self.ramp = (first, count, self.now, over_seconds)
+        self.at(self.now, RAMP, first)
+
+    def ramp_batch(self, start: int) -> None:
+        first, count, began, over = self.ramp
+        stop = min(first + count, start + RAMP_BATCH)
+        for user in range(start, stop):
+            offset = over * (user - first) / count if count else 0.0
+            self.at(began + offset, OPEN, user, self.user_gen[user])
+        if stop < first + count:
+            self.at(began + over * (stop - first) / count, RAMP, stop)
+
+    def open_connection(self, user: int, gen: int) -> None:
+        if gen != self.user_gen[user] or user >= self.wanted_users or self.user_pod[user] >= 0:
+            return
+        now = self.now
+        if self.l7:
+            pod = -1 - (user % PROXY_REPLICAS)  # clients hold connections to proxy pods
+            self.advance_proxy_clock(now)
+            self.connected_users += 1
+        else:
+            node = self.user_node[user]
+            port = self.rng_workload.randint(*EPHEMERAL_PORTS)
+            selector = self.selectors[node]
+            chosen = selector.pick(self.user_ip[user], port, now)
+            if chosen is None or not self.accepting[chosen]:
+                key = (int(now / self.cfg.sample_seconds), -1 if chosen is None else chosen)
+                self.failed[key] = self.failed.get(key, 0) + 1
+                self.at(now + 1.0 / self.rps, OPEN, user, gen)
+                return
+            pod = chosen
+            selector.opened(pod, now)
+            self.active[pod] += 1
+            self.conns_total[pod] += 1
+            self.users_on[pod].add(user)
+        clock = self.request_clock(now)
+        self.user_pod[user] = pod
+        self.user_opened[user] = now
+        self.user_clock[user] = clock
+        self.user_conn[user] = self.next_conn_id
+        self.next_conn_id += 1
+        if pod >= 0:
+            self.open_clock_sum[pod] += clock
+        end, reason = self.connection_end(now)
+        if end < self.cfg.duration_seconds:
+            self.at(end, CLOSE, user, gen * 8 + _REASON[reason])
+
+    def connection_end(self, now: float) -> tuple[float, str]:
+        workload, rng = self.cfg.workload, self.rng_workload
+        end, reason = math.inf, "end"
+        lifetime = workload.lifetime
+        if lifetime.distribution != "infinite":
+            mean = lifetime.mean_seconds or 0.0
+            if lifetime.distribution == "fixed":
+                duration = mean
+            elif lifetime.distribution == "exponential":
+                duration = rng.expovariate(1.0 / mean)
+            elif lifetime.distribution == "lognormal":
+                sigma = lifetime.sigma or 0.0
+                duration = rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+            else:
+                alpha = lifetime.alpha or 2.0
+                duration = mean * (alpha - 1) / alpha * rng.paretovariate(alpha)
+            end, reason = now + duration, "lifetime"
+        policy = workload.reconnect
+        if policy.policy == "periodic":
+            jitter = policy.jitter_fraction
+            seconds = (policy.seconds or 0.0) * (1 + rng.uniform(-jitter, jitter))
+            if now + seconds < end:
+                end, reason = now + seconds, "reconnect"
+        elif policy.policy == "after-requests" and now + (policy.requests or 0) / self.rps < end:
+            end, reason = now + (policy.requests or 0) / self.rps, "reconnect"
+        max_age = self.cfg.backend.max_connection_age_seconds
+        if max_age is not None and not self.l7 and now + max_age < end:
+            end, reason = now + max_age, "max-age"
+        return end, reason
+
+    def close_connection(self, user: int, reason: str) -> None:
+        now = self.now
+        pod = self.user_pod[user]
+        clock = self.request_clock(now)
+        requests = clock - self.user_clock[user]
+        if pod >= 0:
+            self.closed_requests[pod] += requests
+            self.open_clock_sum[pod] -= self.user_clock[user]
+            self.active[pod] -= 1
+            self.users_on[pod].discard(user)
+            self.selectors[self.user_node[user]].closed(pod, now)
+        else:
+            self.advance_proxy_clock(now)
+            self.connected_users -= 1
+        cols = self.conn_cols
+        cols["conn_id"].append(self.user_conn[user])
+        cols["client"].append(user % self.cfg.workload.clients)
+        cols["node"].append(self.user_node[user])
+        cols["pod"].append(pod)
+        cols["opened_at"].append(self.user_opened[user])
+        cols["closed_at"].append(now if reason != "end" else math.nan)
+        cols["reason"].append(_REASON[reason])
+        cols["requests"].append(requests)
+        self.user_pod[user] = -1
+        self.user_gen[user] += 1
+
+    def scheduled_close(self, user: int, tag: int) -> None:
+        gen, reason = divmod(tag, 8)
+        if gen != self.user_gen[user] or self.user_pod[user] == -1:
+            return
+        self.close_connection(user, CLOSE_REASONS[reason])
+        # A client-side close reconnects at once; a server-side one at the next request.
+        delay = self.rng_workload.random() / self.rps if reason == _REASON["max-age"] else 0.0
+        self.at(self.now + delay, OPEN, user, self.user_gen[user])
+
+    # -- timeline ------------------------------------------------------------------------------
+
+    def timeline(self, index: int) -> None:
+        event = self.cfg.events[index]
+        if event.action == "rollout":
+            self.revision += 1
+            self.record("rollout_started", revision=self.revision)
+            self.reconcile()
+        elif event.action == "scale":
+            assert event.replicas is not None
+            self.record("scaled", replicas=event.replicas, previous=self.replicas)
+            self.replicas = event.replicas
+            self.reconcile()
+        elif event.action == "load":
+            detail: dict[str, Any] = {}
+            if event.requests_per_second is not None:
+                self.clock_base = self.request_clock(self.now)
+                self.clock_t = self.now
+                self.advance_proxy_clock(self.now)
+                self.rps = event.requests_per_second
+                detail["requests_per_second"] = self.rps
+            if event.connections is not None:
+                detail["connections"] = event.connections
+                self.change_users(event.connections)
+            self.record("load_changed", **detail)
+        else:
+            ready = [i for i in self.alive if self.pods[i].ready]
+            for index_ in self.rng_control.sample(ready, min(event.kill_count, len(ready))):
+                self.terminate_pod(index_, killed=True)
+            self.reconcile()
+
+    def change_users(self, target: int) -> None:
+        current = self.wanted_users
+        if target > current:
+            if target > len(self.user_node):
+                self.add_users(target - len(self.user_node), self.cfg.workload.ramp_seconds)
+            self.wanted_users = target
+        else:
+            self.wanted_users = target
+            for user in range(target, current):
+                if self.user_pod[user] != -1:
+                    self.close_connection(user, "load-change")
+                else:
+                    self.user_gen[user] += 1
+
+    def hpa_sync(self) -> None:
+        assert self.autoscaler is not None
+        request = self.cfg.backend.cpu_request_millicores
+        ready = [i for i in self.alive if self.pods[i].ready]
+        unready = sum(1 for i in self.alive if self.pods[i].live and not self.pods[i].ready)
+        rates = self.request_rates()
+        utilization = [rates[i] * self.cfg.backend.cpu_per_request_millicores / request * 100
+                       for i in ready]
+        desired = self.autoscaler.desired(self.now, self.replicas, utilization, unready)
+        if desired != self.replicas:
+            mean = sum(utilization) / len(utilization) if utilization else 0.0
+            self.record("hpa_desired", replicas=desired, previous=self.replicas,
+                        utilization=round(mean, 1))
+            self.replicas = desired
+            self.reconcile()
+
+    def request_rates(self) -> dict[int, float]:
+        if self.l7:
+            share = self.connected_users * self.rps / len(self.proxy_view) if self.proxy_view else 0
+            return {i: (share if i in self.q_joined else 0.0) for i in self.alive}
+        return {i: self.active[i] * self.rps for i in self.alive}
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sample(self) -> None:
+        now = self.now
+        idx = np.fromiter(self.alive, dtype=np.int64, count=len(self.alive))
+        active = np.asarray(self.active, dtype=np.int64)[idx]
+        if self.l7:
+            self.advance_proxy_clock(now)
+            joined = np.array([self.q_joined.get(int(i), np.nan) for i in idx])
+            in_view = ~np.isnan(joined)
+            requests = np.asarray(self.closed_requests)[idx] + np.where(
+                in_view, self.q_clock - np.nan_to_num(joined), 0.0
+            )
+            share = self.connected_users * self.rps / max(len(self.proxy_view), 1)
+            rate = np.where(in_view, share, 0.0)
+        else:
+            clock = self.request_clock(now)
+            requests = (np.asarray(self.closed_requests)[idx] + active * clock
+                        - np.asarray(self.open_clock_sum)[idx])
+            rate = active * self.rps
+        pods = self.pods
+        self.sample_chunks.append({
+            "t": np.full(len(idx), round(now, 6)),
+            "pod_index": idx,
+            "ready": np.fromiter((pods[i].ready for i in idx), dtype=bool, count=len(idx)),
+            "terminating": np.fromiter(
+                (pods[i].terminating_at is not None for i in idx), dtype=bool, count=len(idx)
+            ),
+            "active_connections": active,
+            "connections_total": np.asarray(self.conns_total, dtype=np.int64)[idx],
+            "requests_total": np.floor(requests + 1e-9).astype(np.int64),
+            "cpu_millicores": rate * self.cfg.backend.cpu_per_request_millicores,
+        })
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def run(self, progress: Progress) -> CellResult:
+        cfg = self.cfg
+        for _ in range(self.replicas):
+            self.create_pod(ready_now=True)
+        self.sync_pending = False
+        self.heap = [e for e in self.heap if e[2] != SYNC]
+        heapq.heapify(self.heap)
+        self.sync()
+        self.add_users(cfg.workload.connections, cfg.workload.ramp_seconds)
+        for index, event in enumerate(cfg.events):
+            self.at(event.at, TIMELINE, index)
+        samples = int(math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9))
+        for k in range(samples + 1):
+            self.at(k * cfg.sample_seconds, SAMPLE, k)
+        if self.autoscaler is not None:
+            hpa = cfg.backend.hpa
+            assert hpa is not None
+            t = hpa.sync_seconds
+            while t <= cfg.duration_seconds:
+                self.at(t, HPA)
+                t += hpa.sync_seconds
+        t = dataplane.IPVS_GRACEFUL_CHECK_SECONDS
+        while self.cell.mode.startswith("ipvs-") and t <= cfg.duration_seconds:
+            self.at(t, TICK)
+            t += dataplane.IPVS_GRACEFUL_CHECK_SECONDS
+        handlers: list[Callable[[int, int], None]] = [
+            self.open_connection,
+            self.scheduled_close,
+            lambda a, b: self.sync(),
+            lambda a, b: self.pod_ready(a),
+            lambda a, b: self.pod_deleted(a),
+            lambda a, b: (self.sample(), progress(self.now)),  # type: ignore[func-returns-value]
+            lambda a, b: self.timeline(a),
+            lambda a, b: self.hpa_sync(),
+            lambda a, b: [s.tick(self.now) for s in self.selectors],  # type: ignore[misc]
+            lambda a, b: self.ramp_batch(a),
+        ]
+        heap, end = self.heap, cfg.duration_seconds
+        pop = heapq.heappop
+        while heap and heap[0][0] <= end:
+            t, _, kind, a, b = pop(heap)
+            self.now = t
+            handlers[kind](a, b)
+        self.now = end
+        for user in range(len(self.user_node)):
+            if self.user_pod[user] != -1:
+                self.close_connection(user, "end")
+        return self.result()
+
+    def result(self) -> CellResult:
+        names = np.array([p.name for p in self.pods], dtype=object)
+        nodes = np.array([self.node_name(p.node) for p in self.pods], dtype=object)
+        created = np.array([p.created_at for p in self.pods])
+        if self.sample_chunks:
+            columns = {k: np.concatenate([c[k] for c in self.sample_chunks])
+                       for k in self.sample_chunks[0]}
+        else:
+            columns = {}
+        pod_index = columns.pop("pod_index", np.array([], dtype=np.int64))
+        samples = pd.DataFrame({
+            "t": columns.get("t", np.array([], dtype=float)),
+            "pod": pd.Categorical(names[pod_index]) if len(pod_index) else [],
+            "node": pd.Categorical(nodes[pod_index]) if len(pod_index) else [],
+            "created_at": created[pod_index],
+            **{k: v for k, v in columns.items() if k != "t"},
+        })
+        samples["cpu_millicores"] = samples["cpu_millicores"].astype("float64")
+        for (index, pod), count in sorted(self.failed.items()):
+            self.event_rows.append((
+                index * self.cfg.sample_seconds,
+                "connection_failed",
+                self.pods[pod].name if pod >= 0 else "",
+                json.dumps({"count": count,
+                            "reason": "refused by data plane" if pod < 0 else "pod not accepting"}),
+            ))
+        events = pd.DataFrame(self.event_rows, columns=["t", "event", "pod", "detail"])
+        events = events.sort_values("t", kind="stable").reset_index(drop=True)
+        cols = self.conn_cols
+        pod_codes = np.asarray(cols["pod"], dtype=np.int64)
+        proxy_names = np.array([f"l7-proxy-{i}" for i in range(PROXY_REPLICAS)], dtype=object)
+        pod_names = np.where(
+            pod_codes >= 0,
+            names[np.clip(pod_codes, 0, None)] if len(names) else "",
+            proxy_names[np.clip(-1 - pod_codes, 0, PROXY_REPLICAS - 1)],
+        )
+        connections = pd.DataFrame({
+            "conn_id": np.asarray(cols["conn_id"], dtype=np.int64),
+            "client": pd.Categorical([f"client-{c}" for c in cols["client"]]),
+            "node": pd.Categorical([self.node_name(n) for n in cols["node"]]),
+            "pod": pd.Categorical(pod_names),
+            "opened_at": np.asarray(cols["opened_at"], dtype=float),
+            "closed_at": np.asarray(cols["closed_at"], dtype=float),
+            "close_reason": pd.Categorical.from_codes(
+                np.asarray(cols["reason"], dtype=np.int8), categories=CLOSE_REASONS
+            ) if cols["reason"] else pd.Categorical([], categories=CLOSE_REASONS),
+            "requests": np.floor(np.asarray(cols["requests"], dtype=float) + 1e-9).astype(np.int64),
+        })
+        connections = connections.sort_values("conn_id", kind="stable").reset_index(drop=True)
+        dataplane_info = {
+            "model": self.cell.mode,
+            "verified": False,
+            "note": "modelled data plane (sim); nothing was read back from a kernel",
+        }
+        return CellResult(samples, events, connections, dataplane_info)
