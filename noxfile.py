@@ -79,7 +79,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(name="e2e-kind", default=False)
 def e2e_kind(session: nox.Session) -> None:
-    """End-to-end test on real kind clusters (skips with the reason where Docker or kind is missing)."""
+    """End-to-end test on real kind clusters; skips, with the reason, without Docker or kind."""
     _install(session, "test")
     session.run("pytest", "-m", "kind", "-rs", "tests", *session.posargs)
 

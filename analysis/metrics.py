@@ -206,6 +206,7 @@ def summarize(metrics: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
             row[metric] = mean
             row[f"{metric}_low"] = low
             row[f"{metric}_high"] = high
+            row[f"{metric}_n"] = n  # seeds with a value (NaN values are left out)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -228,3 +229,15 @@ def verdict(values: Sequence[float], comparison: tuple[str, float]) -> tuple[str
     else:
         result = "INCONCLUSIVE"
     return result, mean, low, high, n
+
+
+def claim_verdict(metric: str, values: Sequence[float], comparison: tuple[str, float]) -> tuple[
+        str, float, float, float, int]:
+    """`verdict`, except that a time_to_balance that is null in every seed (never balanced)
+    counts as infinite: it violates `<`/`<=` and satisfies `>`/`>=` in every seed."""
+    data = [v for v in values if v is not None]
+    if (metric == "time_to_balance" and data and all(math.isnan(v) for v in data)):
+        op, _threshold = comparison
+        result = "REFUTED" if op in ("<", "<=") else "CONFIRMED"
+        return result, math.inf, math.inf, math.inf, len(data)
+    return verdict(values, comparison)

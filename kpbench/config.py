@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Mode = Literal["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-wlc", "ipvs-sh", "ipvs-mh"]
 ALL_MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
-DEFAULT_MODES = ["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"]
+DEFAULT_MODES: list[Mode] = ["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"]
 ROOT_SEED = 0  # every random stream of a cell is spawned from (ROOT_SEED, seed, ...)
 
 METRICS = (
@@ -37,6 +37,7 @@ METRICS = (
     "reset_connections",
 )
 
+_UNION_MEMBERS = frozenset({"int", "str", "list[int]"})
 _PERCENT = re.compile(r"^(\d+)%$")
 _EXPECT = re.compile(r"^\s*(<=|>=|<|>)\s*(-?\d+(\.\d+)?)\s*$")
 # A model validator reports a problem with one of its fields as "field: message".
@@ -318,28 +319,26 @@ def _format_location(loc: Sequence[int | str]) -> str:
     return path
 
 
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside an annotation: `Model`, `Model | None`, `list[Model]`."""
+    pending = [annotation]
+    while pending:
+        candidate = pending.pop(0)
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        pending.extend(getattr(candidate, "__args__", ()))
+    return None
+
+
 def _allowed_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
     """The keys that the model at `loc` (minus the last part) accepts, for suggestions."""
-    current: Any = model
+    current: type[BaseModel] | None = model
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or current is None:
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            for candidate in candidates:
-                nested += [
-                    a for a in getattr(candidate, "__args__", ())
-                    if isinstance(a, type) and issubclass(a, BaseModel)
-                ]
-        if not nested:
-            return []
-        current = nested[0]
-    return list(current.model_fields) if isinstance(current, type) else []
+        field = current.model_fields.get(part)
+        current = _nested_model(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else []
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -367,7 +366,7 @@ def _problems(exc: ValidationError) -> list[str]:
     lines: list[str] = []
     for error in exc.errors():
         # Unions (int | str, ...) name their member in the location; keep the key path only.
-        loc = [p for p in error["loc"] if not (isinstance(p, str) and p in {"int", "str", "list[int]"})]
+        loc = [p for p in error["loc"] if p not in _UNION_MEMBERS]
         message = _describe(error)
         path = _format_location(loc)
         problem = _FIELD_PROBLEM.match(message)
@@ -434,7 +433,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"]) from None
+        problem = f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"
+        raise ConfigError([problem]) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -546,9 +546,9 @@ def iter_keys(model: type[BaseModel] = Experiment, prefix: str = "") -> Iterator
     """Every dotted key of the config, for documentation checks."""
     for name, field in model.model_fields.items():
         yield prefix + name
-        for candidate in [field.annotation, *getattr(field.annotation, "__args__", ())]:
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                yield from iter_keys(candidate, prefix + name + ".")
+        nested = _nested_model(field.annotation)
+        if nested is not None:
+            yield from iter_keys(nested, prefix + name + ".")
 
 
 def json_schema() -> dict[str, Any]:

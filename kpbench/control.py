@@ -114,11 +114,10 @@ def reconcile(
     return Plan(delete=tuple(deletion_order(old, live)[:scale_down]))
 
 
-def place(pods: Sequence[Pod], nodes: int, rng: random.Random) -> int:
-    """The node for a new pod: fewest live pods, ties at random."""
-    counts = Counter(p.node for p in pods if p.live)
-    fewest = min(counts.get(n, 0) for n in range(nodes))
-    return rng.choice([n for n in range(nodes) if counts.get(n, 0) == fewest])
+def place(live_per_node: Sequence[int], rng: random.Random) -> int:
+    """The node for a new pod: the fewest live pods, ties at random."""
+    fewest = min(live_per_node)
+    return rng.choice([n for n, count in enumerate(live_per_node) if count == fewest])
 
 
 @dataclass

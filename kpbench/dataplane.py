@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,8 +205,15 @@ class IpvsSelector:
 
     def opened(self, endpoint: int, now: float) -> None:
         dest = self.dests.get(endpoint)
-        if dest is not None:
-            dest.active += 1
+        if dest is None:
+            return
+        dest.active += 1
+        heap = self._heap
+        if heap and heap[0][2] == endpoint and heap[0][3] == dest.version:
+            # The usual lc case: the least-loaded destination was just picked; re-key it in place.
+            dest.version += 1
+            heapq.heapreplace(heap, (dest.overhead, -dest.seq, endpoint, dest.version))
+        else:
             self._push(dest)
 
     def closed(self, endpoint: int, now: float) -> None:

@@ -106,8 +106,8 @@ def run_experiment(
                     continue
 
                 def report(elapsed: float, _label: str = label) -> None:
-                    progress.update(task, completed=elapsed,
-                                    clock=f"{elapsed:.0f}/{experiment.duration_seconds:g} s {clock}")
+                    shown = f"{elapsed:.0f}/{experiment.duration_seconds:g} s {clock}"
+                    progress.update(task, completed=elapsed, clock=shown)
 
                 try:
                     result: CellResult = backend.run_cell(cell, report)

@@ -53,4 +53,5 @@ def resolve(name: str) -> tuple[Backend, str | None]:
         from kpbench.backends.sim import SimBackend
 
         return SimBackend(), note
-    raise PreflightError(f"--backend {name}: unknown backend (choose from {', '.join(BACKEND_CHOICES)})")
+    choices = ", ".join(BACKEND_CHOICES)
+    raise PreflightError(f"--backend {name}: unknown backend (choose from {choices})")

@@ -22,7 +22,9 @@ import heapq
 import json
 import math
 import random
+from array import array
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ PROXY_REPLICAS = 2
 EPHEMERAL_PORTS = (32768, 60999)
 
 # event kinds
-OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP = range(10)
+OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP, RECONCILE = range(11)
 RAMP_BATCH = 2048
 
 CLOSE_REASONS = ["lifetime", "reconnect", "max-age", "server-shutdown", "reset", "load-change",
@@ -51,6 +53,19 @@ def client_ip(node: int, slot: int) -> int:
     if slot < 150 and node < 256:
         return base + (node << 8) + 100 + slot
     return base + (1 << 16) + node * 4096 + slot  # more clients than a /24 holds: 198.19.x.y
+
+
+@dataclass
+class ConnectionLog:
+    """Closed connections, column by column in compact arrays (millions of rows at scale)."""
+
+    conn_id: array = field(default_factory=lambda: array("q"))
+    user: array = field(default_factory=lambda: array("q"))
+    pod: array = field(default_factory=lambda: array("q"))
+    opened_at: array = field(default_factory=lambda: array("d"))
+    closed_at: array = field(default_factory=lambda: array("d"))
+    reason: array = field(default_factory=lambda: array("b"))
+    requests: array = field(default_factory=lambda: array("d"))
 
 
 class SimBackend:
@@ -104,6 +119,8 @@ class Simulation:
         # pods
         self.pods: list[control.Pod] = []
         self.alive: dict[int, None] = {}  # created and not deleted, in creation order
+        self.live_per_node = [0] * self.nodes
+        self.reconcile_pending = False
         self.accepting: list[bool] = []
         self.active: list[int] = []
         self.conns_total: list[int] = []
@@ -133,10 +150,14 @@ class Simulation:
         # outputs
         self.event_rows: list[tuple[float, str, str, str]] = []
         self.failed: dict[tuple[int, int], int] = {}  # (sample index, pod or -1) -> count
-        self.conn_cols: dict[str, list[Any]] = {
-            k: [] for k in ("conn_id", "client", "node", "pod", "opened_at", "closed_at",
-                            "reason", "requests")
-        }
+        self.closed_log = ConnectionLog()
+        self.hashes_ports = cell.mode == "ipvs-mh"
+        workload, max_age = cfg.workload, cfg.backend.max_connection_age_seconds
+        self.connections_end = (
+            workload.lifetime.distribution != "infinite"
+            or workload.reconnect.policy != "none"
+            or (max_age is not None and not self.l7)
+        )
         self.sample_chunks: list[dict[str, np.ndarray]] = []
         self.sync_pending = False
         hpa = cfg.backend.hpa
@@ -175,7 +196,8 @@ class Simulation:
 
     def create_pod(self, ready_now: bool = False) -> int:
         index = len(self.pods)
-        node = control.place(self.pods, self.nodes, self.rng_control)
+        node = control.place(self.live_per_node, self.rng_control)
+        self.live_per_node[node] += 1
         pod = control.Pod(index, f"backend-{self.revision}-{index:05d}", self.revision, node,
                           self.now)
         self.pods.append(pod)
@@ -205,12 +227,12 @@ class Simulation:
         self.accepting[index] = True
         self.record("pod_ready", index)
         self.endpoints_changed()
-        if self.now > 0:
-            self.reconcile()
+        self.request_reconcile()
 
     def terminate_pod(self, index: int, killed: bool = False) -> None:
         pod = self.pods[index]
         pod.terminating_at = self.now
+        self.live_per_node[pod.node] -= 1
         self.accepting[index] = False
         reason = "reset" if killed else "server-shutdown"
         self.record("pod_killed" if killed else "pod_terminating", index,
@@ -234,7 +256,14 @@ class Simulation:
         self.alive.pop(index, None)
         self.record("pod_deleted", index)
 
+    def request_reconcile(self) -> None:
+        """The deployment controller syncs once after all changes of this instant."""
+        if not self.reconcile_pending:
+            self.reconcile_pending = True
+            self.at(self.now, RECONCILE)
+
     def reconcile(self) -> None:
+        self.reconcile_pending = False
         while True:
             plan = control.reconcile(self.pods, self.replicas, self.revision, self.surge,
                                      self.unavailable)
@@ -301,7 +330,9 @@ class Simulation:
             self.at(began + over * (stop - first) / count, RAMP, stop)
 
     def open_connection(self, user: int, gen: int) -> None:
-        if gen != self.user_gen[user] or user >= self.wanted_users or self.user_pod[user] >= 0:
+        # The hot path of every run: attribute lookups are hoisted on purpose.
+        user_pod = self.user_pod
+        if gen != self.user_gen[user] or user >= self.wanted_users or user_pod[user] >= 0:
             return
         now = self.now
         if self.l7:
@@ -309,31 +340,33 @@ class Simulation:
             self.advance_proxy_clock(now)
             self.connected_users += 1
         else:
-            node = self.user_node[user]
-            port = self.rng_workload.randint(*EPHEMERAL_PORTS)
-            selector = self.selectors[node]
+            selector = self.selectors[self.user_node[user]]
+            port = self.rng_workload.randint(*EPHEMERAL_PORTS) if self.hashes_ports else 0
             chosen = selector.pick(self.user_ip[user], port, now)
             if chosen is None or not self.accepting[chosen]:
                 key = (int(now / self.cfg.sample_seconds), -1 if chosen is None else chosen)
                 self.failed[key] = self.failed.get(key, 0) + 1
-                self.at(now + 1.0 / self.rps, OPEN, user, gen)
+                self.seq += 1
+                heapq.heappush(self.heap, (now + 1.0 / self.rps, self.seq, OPEN, user, gen))
                 return
             pod = chosen
             selector.opened(pod, now)
             self.active[pod] += 1
             self.conns_total[pod] += 1
             self.users_on[pod].add(user)
-        clock = self.request_clock(now)
-        self.user_pod[user] = pod
+        clock = self.clock_base + self.rps * (now - self.clock_t)
+        user_pod[user] = pod
         self.user_opened[user] = now
         self.user_clock[user] = clock
         self.user_conn[user] = self.next_conn_id
         self.next_conn_id += 1
         if pod >= 0:
             self.open_clock_sum[pod] += clock
-        end, reason = self.connection_end(now)
-        if end < self.cfg.duration_seconds:
-            self.at(end, CLOSE, user, gen * 8 + _REASON[reason])
+        if self.connections_end:
+            end, reason = self.connection_end(now)
+            if end < self.cfg.duration_seconds:
+                self.seq += 1
+                heapq.heappush(self.heap, (end, self.seq, CLOSE, user, gen * 8 + _REASON[reason]))
 
     def connection_end(self, now: float) -> tuple[float, str]:
         workload, rng = self.cfg.workload, self.rng_workload
@@ -368,26 +401,25 @@ class Simulation:
     def close_connection(self, user: int, reason: str) -> None:
         now = self.now
         pod = self.user_pod[user]
-        clock = self.request_clock(now)
-        requests = clock - self.user_clock[user]
+        opened_clock = self.user_clock[user]
+        requests = self.clock_base + self.rps * (now - self.clock_t) - opened_clock
         if pod >= 0:
             self.closed_requests[pod] += requests
-            self.open_clock_sum[pod] -= self.user_clock[user]
+            self.open_clock_sum[pod] -= opened_clock
             self.active[pod] -= 1
             self.users_on[pod].discard(user)
             self.selectors[self.user_node[user]].closed(pod, now)
         else:
             self.advance_proxy_clock(now)
             self.connected_users -= 1
-        cols = self.conn_cols
-        cols["conn_id"].append(self.user_conn[user])
-        cols["client"].append(user % self.cfg.workload.clients)
-        cols["node"].append(self.user_node[user])
-        cols["pod"].append(pod)
-        cols["opened_at"].append(self.user_opened[user])
-        cols["closed_at"].append(now if reason != "end" else math.nan)
-        cols["reason"].append(_REASON[reason])
-        cols["requests"].append(requests)
+        log = self.closed_log
+        log.conn_id.append(self.user_conn[user])
+        log.user.append(user)
+        log.pod.append(pod)
+        log.opened_at.append(self.user_opened[user])
+        log.closed_at.append(now if reason != "end" else math.nan)
+        log.reason.append(_REASON[reason])
+        log.requests.append(requests)
         self.user_pod[user] = -1
         self.user_gen[user] += 1
 
@@ -507,14 +539,14 @@ class Simulation:
         cfg = self.cfg
         for _ in range(self.replicas):
             self.create_pod(ready_now=True)
-        self.sync_pending = False
-        self.heap = [e for e in self.heap if e[2] != SYNC]
+        self.sync_pending = self.reconcile_pending = False
+        self.heap = [e for e in self.heap if e[2] not in (SYNC, RECONCILE)]
         heapq.heapify(self.heap)
         self.sync()
         self.add_users(cfg.workload.connections, cfg.workload.ramp_seconds)
         for index, event in enumerate(cfg.events):
             self.at(event.at, TIMELINE, index)
-        samples = int(math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9))
+        samples = math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9)
         for k in range(samples + 1):
             self.at(k * cfg.sample_seconds, SAMPLE, k)
         if self.autoscaler is not None:
@@ -528,17 +560,26 @@ class Simulation:
         while self.cell.mode.startswith("ipvs-") and t <= cfg.duration_seconds:
             self.at(t, TICK)
             t += dataplane.IPVS_GRACEFUL_CHECK_SECONDS
+        def on_sample(a: int, b: int) -> None:
+            self.sample()
+            progress(self.now)
+
+        def on_tick(a: int, b: int) -> None:
+            for selector in self.selectors:
+                selector.tick(self.now)
+
         handlers: list[Callable[[int, int], None]] = [
             self.open_connection,
             self.scheduled_close,
             lambda a, b: self.sync(),
             lambda a, b: self.pod_ready(a),
             lambda a, b: self.pod_deleted(a),
-            lambda a, b: (self.sample(), progress(self.now)),  # type: ignore[func-returns-value]
+            on_sample,
             lambda a, b: self.timeline(a),
             lambda a, b: self.hpa_sync(),
-            lambda a, b: [s.tick(self.now) for s in self.selectors],  # type: ignore[misc]
+            on_tick,
             lambda a, b: self.ramp_batch(a),
+            lambda a, b: self.reconcile(),
         ]
         heap, end = self.heap, cfg.duration_seconds
         pop = heapq.heappop
@@ -580,25 +621,33 @@ class Simulation:
             ))
         events = pd.DataFrame(self.event_rows, columns=["t", "event", "pod", "detail"])
         events = events.sort_values("t", kind="stable").reset_index(drop=True)
-        cols = self.conn_cols
-        pod_codes = np.asarray(cols["pod"], dtype=np.int64)
+        log = self.closed_log
+        pod_codes = np.frombuffer(log.pod, dtype=np.int64)
+        users = np.frombuffer(log.user, dtype=np.int64)
         proxy_names = np.array([f"l7-proxy-{i}" for i in range(PROXY_REPLICAS)], dtype=object)
         pod_names = np.where(
             pod_codes >= 0,
             names[np.clip(pod_codes, 0, None)] if len(names) else "",
             proxy_names[np.clip(-1 - pod_codes, 0, PROXY_REPLICAS - 1)],
         )
+        clients = users % self.cfg.workload.clients
+        client_names = np.array([f"client-{c}" for c in range(self.cfg.workload.clients)],
+                                dtype=object)
+        node_names = np.array([self.node_name(n) for n in range(self.nodes)], dtype=object)
+        user_nodes = np.asarray(self.user_node, dtype=np.int64)
         connections = pd.DataFrame({
-            "conn_id": np.asarray(cols["conn_id"], dtype=np.int64),
-            "client": pd.Categorical([f"client-{c}" for c in cols["client"]]),
-            "node": pd.Categorical([self.node_name(n) for n in cols["node"]]),
+            "conn_id": np.frombuffer(log.conn_id, dtype=np.int64),
+            "client": pd.Categorical(client_names[clients]),
+            "node": pd.Categorical(node_names[user_nodes[users]] if len(users) else []),
             "pod": pd.Categorical(pod_names),
-            "opened_at": np.asarray(cols["opened_at"], dtype=float),
-            "closed_at": np.asarray(cols["closed_at"], dtype=float),
+            "opened_at": np.frombuffer(log.opened_at, dtype=np.float64),
+            "closed_at": np.frombuffer(log.closed_at, dtype=np.float64),
             "close_reason": pd.Categorical.from_codes(
-                np.asarray(cols["reason"], dtype=np.int8), categories=CLOSE_REASONS
-            ) if cols["reason"] else pd.Categorical([], categories=CLOSE_REASONS),
-            "requests": np.floor(np.asarray(cols["requests"], dtype=float) + 1e-9).astype(np.int64),
+                np.frombuffer(log.reason, dtype=np.int8), categories=pd.Index(CLOSE_REASONS)
+            ),
+            "requests": np.floor(np.frombuffer(log.requests, dtype=np.float64) + 1e-9).astype(
+                np.int64
+            ),
         })
         connections = connections.sort_values("conn_id", kind="stable").reset_index(drop=True)
         dataplane_info = {

@@ -1,0 +1,193 @@
+"""Properties of the simulator, each against an expectation computed independently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from kpbench.backends.base import CellResult
+from kpbench.backends.sim import Simulation
+from kpbench.config import expand_cells, validate
+
+
+def simulate(mode: str, seed: int = 1, **overrides: Any) -> CellResult:
+    raw: dict[str, Any] = {"name": "t", "modes": [mode], "seeds": [seed]}
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (cell,) = expand_cells(validate(raw))
+    return Simulation(cell).run(lambda t: None)
+
+
+def end_counts(result: CellResult) -> pd.Series:
+    samples = result.samples
+    last = samples[samples["t"] == samples["t"].max()]
+    serving = last[last["ready"] & ~last["terminating"]]
+    return serving.set_index("pod")["active_connections"].sort_index()
+
+
+def test_iptables_spreads_like_a_uniform_multinomial() -> None:
+    pods, connections, seeds = 6, 60, 40
+    statistic = 0.0
+    for seed in range(1, seeds + 1):
+        counts = end_counts(simulate("iptables", seed, duration_seconds=30,
+                                     backend__replicas=pods, workload__connections=connections))
+        assert counts.sum() == connections
+        expected = connections / pods
+        statistic += float(((counts - expected) ** 2 / expected).sum())
+    # Pearson's statistic summed over independent seeds is chi-square with seeds*(pods-1) d.o.f.
+    p_value = stats.chi2.sf(statistic, seeds * (pods - 1))
+    assert 0.001 < p_value < 0.999, (statistic, p_value)
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_random_modes_are_not_balanced_with_few_connections(mode: str) -> None:
+    spreads = [end_counts(simulate(mode, seed, duration_seconds=30, workload__connections=12))
+               for seed in range(1, 11)]
+    assert max(int(c.max()) for c in spreads) >= 4  # 2 per pod on average
+
+
+def test_ipvs_rr_on_one_node_without_churn_balances_exactly() -> None:
+    counts = end_counts(simulate("ipvs-rr", cluster__nodes=1, workload__clients=1,
+                                 duration_seconds=30, workload__connections=120))
+    assert counts.tolist() == [20] * 6
+
+
+def test_ipvs_sh_with_one_client_pod_uses_one_pod_per_node() -> None:
+    result = simulate("ipvs-sh", cluster__nodes=3, workload__clients=3, duration_seconds=30,
+                      workload__connections=90)
+    connections = result.connections
+    assert connections.groupby("client", observed=True)["pod"].nunique().eq(1).all()
+    counts = end_counts(result)
+    assert counts.max() == 30 and (counts > 0).sum() <= 3
+
+
+def test_ipvs_lc_balances_per_node_but_not_across_nodes() -> None:
+    # 4 connections per node over 6 pods: each node's lc balances its own (max - min <= 1),
+    # but every node breaks ties towards the same pods, which a global lc would not.
+    result = simulate("ipvs-lc", cluster__nodes=3, workload__clients=3, duration_seconds=30,
+                      workload__connections=12)
+    open_at_end = result.connections[result.connections["close_reason"] == "end"]
+    per_node = open_at_end.groupby(["node", "pod"], observed=True).size().unstack(fill_value=0)
+    per_node = per_node.reindex(columns=end_counts(result).index, fill_value=0)
+    assert (per_node.max(axis=1) - per_node.min(axis=1)).max() <= 1
+    total = per_node.sum()
+    assert total.max() - total.min() >= 2  # a global least-connection would give <= 1
+
+
+def test_rollout_under_iptables_leaves_earlier_ready_pods_holding_more() -> None:
+    rhos = []
+    for seed in range(1, 9):
+        result = simulate("iptables", seed, duration_seconds=180,
+                          events=[{"at": 60, "action": "rollout"}])
+        ready = result.events[result.events["event"] == "pod_ready"].groupby("pod")["t"].max()
+        counts = end_counts(result)
+        rhos.append(stats.spearmanr(ready.reindex(counts.index), counts).statistic)
+    assert np.mean(rhos) < -0.3, rhos
+
+
+def hpa_scale_out(reconnect: dict[str, Any]) -> float:
+    result = simulate(
+        "iptables", duration_seconds=300, backend__replicas=3,
+        backend__cpu_per_request_millicores=1.0,
+        backend__hpa={"min_replicas": 3, "max_replicas": 12, "target_cpu_utilization": 50},
+        workload__reconnect=reconnect,
+        events=[{"at": 30, "action": "load", "requests_per_second": 4}],
+    )
+    assert (result.events["event"] == "hpa_desired").any()
+    last = result.samples[result.samples["t"] == result.samples["t"].max()]
+    serving = last[last["ready"] & ~last["terminating"]]
+    new = serving["created_at"] > 30
+    assert new.sum() >= 3, "the HPA should have added pods"
+    share = serving.loc[new, "active_connections"].sum() / serving["active_connections"].sum()
+    return float(share / new.mean())
+
+
+def test_hpa_scale_out_without_reconnects_leaves_new_pods_idle() -> None:
+    assert hpa_scale_out({"policy": "none"}) < 0.05
+
+
+def test_hpa_scale_out_with_periodic_reconnects_approaches_a_fair_share() -> None:
+    assert hpa_scale_out({"policy": "periodic", "seconds": 30}) > 0.75
+
+
+def test_same_seed_same_results_and_other_seed_differs() -> None:
+    kwargs = {"duration_seconds": 120, "events": [{"at": 40, "action": "rollout"}],
+              "workload__lifetime": {"distribution": "exponential", "mean_seconds": 30}}
+    first, second = simulate("ipvs-rr", 3, **kwargs), simulate("ipvs-rr", 3, **kwargs)
+    pd.testing.assert_frame_equal(first.samples, second.samples)
+    pd.testing.assert_frame_equal(first.events, second.events)
+    pd.testing.assert_frame_equal(first.connections, second.connections)
+    other = simulate("ipvs-rr", 4, **kwargs)
+    assert not other.connections["closed_at"].equals(first.connections["closed_at"])
+
+
+@pytest.mark.parametrize(("replicas", "surge", "unavailable"),
+                         [(6, "25%", "25%"), (10, 3, 0), (4, 0, 1), (12, "50%", "10%")])
+def test_rollouts_respect_max_surge_and_max_unavailable(
+    replicas: int, surge: int | str, unavailable: int | str
+) -> None:
+    result = simulate("iptables", duration_seconds=200, backend__replicas=replicas,
+                      backend__rollout={"max_surge": surge, "max_unavailable": unavailable},
+                      events=[{"at": 20, "action": "rollout"}])
+    # Kubernetes: maxSurge rounds up, maxUnavailable rounds down (computed here by hand).
+    limits = {(6, "25%", "25%"): (2, 1), (10, 3, 0): (3, 0), (4, 0, 1): (0, 1),
+              (12, "50%", "10%"): (6, 1)}
+    max_surge, max_unavailable = limits[(replicas, surge, unavailable)]
+    live, ready = set(), set()
+    events = result.events
+    for t, group in events.groupby("t", sort=True):
+        for event, pod in zip(group["event"], group["pod"], strict=True):
+            if event == "pod_created":
+                live.add(pod)
+            elif event == "pod_ready":
+                ready.add(pod)
+            elif event in ("pod_terminating", "pod_killed"):
+                live.discard(pod)
+                ready.discard(pod)
+        assert len(live) <= replicas + max_surge, t
+        if t > 0:
+            assert len(ready) >= replicas - max_unavailable, t
+    revisions = {p.split("-")[1] for p in ready}
+    assert revisions == {"2"} and len(ready) == replicas, "the rollout should complete"
+
+
+def test_sh_refuses_connections_of_clients_hashed_to_a_terminating_pod() -> None:
+    result = simulate("ipvs-sh", duration_seconds=120, workload__clients=12,
+                      events=[{"at": 30, "action": "rollout"}])
+    failed = result.events[result.events["event"] == "connection_failed"]
+    assert (failed["detail"].str.contains("refused by data plane")).any()
+
+
+def test_l7_proxy_balances_requests_per_pod() -> None:
+    result = simulate("iptables", duration_seconds=120, workload__proxy="l7",
+                      workload__connections=12)
+    last = result.samples[result.samples["t"] == 120]
+    rates = last["requests_total"] - result.samples[result.samples["t"] == 60][
+        "requests_total"].to_numpy()
+    assert rates.max() / rates.mean() < 1.05
+    # without the proxy, 12 random connections over 6 pods are far from even
+    direct = simulate("iptables", duration_seconds=120, workload__connections=12)
+    assert end_counts(direct).max() / end_counts(direct).mean() > 1.3
+
+
+def test_max_connection_age_closes_connections() -> None:
+    result = simulate("iptables", duration_seconds=100, backend__max_connection_age_seconds=20)
+    closed = result.connections[result.connections["close_reason"] == "max-age"]
+    assert len(closed) > 0
+    ages = closed["closed_at"] - closed["opened_at"]
+    assert np.allclose(ages, 20)
+
+
+def test_kill_pod_resets_its_connections_and_is_replaced() -> None:
+    result = simulate("iptables", duration_seconds=60, events=[{"at": 20, "action": "kill-pod"}])
+    assert (result.connections["close_reason"] == "reset").sum() > 0
+    assert (result.events["event"] == "pod_killed").sum() == 1
+    assert len(end_counts(result)) == 6
