@@ -103,6 +103,7 @@ class IpvsSelector:
         if scheduler not in {"rr", "lc", "wlc", "sh", "mh"}:
             raise ValueError(f"unknown IPVS scheduler {scheduler!r}")
         self.scheduler = scheduler
+        self._least = scheduler in ("lc", "wlc")
         self.dests: dict[int, Destination] = {}
         self._next_seq = 0
         self._time_wait: deque[tuple[float, int, int]] = deque()  # (expires, endpoint, seq)
@@ -146,10 +147,13 @@ class IpvsSelector:
         self._dirty = True
 
     def _push(self, dest: Destination) -> None:
-        if self.scheduler in ("lc", "wlc") and dest.weight > 0:
+        if self._least and dest.weight > 0:
             dest.version += 1
-            heapq.heappush(self._heap, (dest.overhead, -dest.seq, dest.endpoint, dest.version))
-            if len(self._heap) > 64 and len(self._heap) > 4 * len(self.dests):
+            heap = self._heap
+            heapq.heappush(
+                heap, ((dest.active << 8) + dest.inactive, -dest.seq, dest.endpoint, dest.version)
+            )
+            if len(heap) > 4 * len(self.dests) + 64:
                 self._compact_heap()
 
     def _compact_heap(self) -> None:
@@ -229,8 +233,9 @@ class IpvsSelector:
     def pick(self, client_ip: int, client_port: int, now: float) -> int | None:
         if self.scheduler == "rr":
             return self._pick_rr()
-        if self.scheduler in ("lc", "wlc"):
-            self._expire(now)
+        if self._least:
+            if self._time_wait and self._time_wait[0][0] <= now:
+                self._expire(now)
             return self._pick_lc()
         if self._dirty:
             self._rebuild_table()
