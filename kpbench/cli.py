@@ -108,6 +108,8 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         if outcome.status in ("COMPLETED", "FAILED"):
             print_summary(outcome.folder.path, out)
         out.print(f"status {outcome.status}; results in {outcome.folder.path}")
+        if not args.no_report and outcome.status in ("COMPLETED", "FAILED"):
+            render_run_report(outcome.folder.path, out, err)
         if outcome.exit_code != EXIT_OK:
             code = outcome.exit_code
         if outcome.exit_code == EXIT_INTERRUPTED:
@@ -130,6 +132,45 @@ def cmd_validate(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def render_run_report(run_path: Path, out: Console, err: Console) -> None:
+    """At the end of `kpbench run`: render the run's report; a failure is reported, not fatal."""
+    from analysis.report import ReportError, build_report
+
+    try:
+        report = build_report([run_path])
+    except (ReportError, ResultsError) as exc:
+        err.print(f"[red]report not rendered:[/red] {exc}")
+        return
+    out.print(f"report: {report / 'index.html'}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`kpbench report RESULTS_DIR... [--out DIR]`: one (comparative) report; prints index.html."""
+    from analysis.report import ReportError, build_report
+
+    try:
+        report = build_report(args.results, args.out)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    print(report / "index.html", flush=True)
+    return EXIT_OK
+
+
+def cmd_figures(out: Console) -> int:
+    """`kpbench figures`: regenerate results/published/figures/ from the committed runs."""
+    from analysis.published import PublishedError, regenerate
+
+    try:
+        index, published = regenerate()
+    except PublishedError as exc:
+        raise UsageError(f"figures: {exc}") from None
+    for item in published:
+        out.print(f"{item.run.config.name} ({item.run.backend_label}): "
+                  f"{len(item.figures)} figures in {index.parent / item.folder}")
+    print(index, flush=True)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
@@ -143,11 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
         if args.command == "report":
-            for path in args.results:
-                load_run(path)
-            raise UsageError("report: reports are not built yet in this version of kpbench")
+            return cmd_report(args)
         if args.command == "figures":
-            raise UsageError("figures: reports are not built yet in this version of kpbench")
+            return cmd_figures(out)
         if args.command == "clean":
             err.print("clean: nothing to remove (sim creates no clusters or namespaces)")
             return EXIT_OK
