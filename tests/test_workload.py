@@ -1,0 +1,317 @@
+"""A real Locust run (subprocess) against real kpbench servers on 127.0.0.1, HTTP and gRPC.
+
+Locust monkey-patches with gevent, so it only ever runs in child processes here.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loopback import (
+    PYTHON,
+    REPO,
+    Processes,
+    Started,
+    scrape,
+    start_balancer,
+    start_server,
+    write_experiment,
+)
+
+from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def active(servers: list[Started], protocol: str = "http") -> list[float]:
+    return [scrape(server.port)[("kpbench_active_connections", protocol)] for server in servers]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def run_workload(
+    processes: Processes, tmp_path: Path, workload: dict[str, Any], host: str, run_time: float,
+    during: Callable[[subprocess.Popen[str]], None] | None = None,
+    backend: dict[str, Any] | None = None, extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    config = write_experiment(tmp_path / "experiment.yaml", {"ramp_seconds": 0, **workload},
+                              **({"backend": backend} if backend else {}))
+    summary = tmp_path / "summary.json"
+    process = processes.spawn([
+        "-m", "kpbench.workload", "--config", str(config), "--host", host,
+        "--run-time", str(run_time), "--summary", str(summary), "--csv",
+        str(tmp_path / "locust"), *extra,
+    ])
+    if during is not None:
+        during(process)
+    _, stderr = process.communicate(timeout=run_time + 30)
+    assert process.returncode == 0, stderr[-3000:]
+    assert (tmp_path / "locust_stats.csv").exists()
+    result: dict[str, Any] = json.loads(summary.read_text())
+    result["_seconds"] = result["finished_at"] - result["test_started_at"]
+    return result
+
+
+def servers_behind_balancer(processes: Processes, count: int, *flags: str, grpc: bool = False
+                            ) -> tuple[list[Started], Started]:
+    servers = [start_server(processes, f"pod-{i}", *flags) for i in range(count)]
+    balancer = start_balancer(processes, [s.grpc_port if grpc else s.port for s in servers])
+    return servers, balancer
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+def test_tallies_merge_like_sums() -> None:
+    first, second = Tally(), Tally()
+    for tally, pod in ((first, "a"), (second, "b"), (second, "a")):
+        tally.opened()
+        tally.identified(pod)
+        tally.answered(pod)
+    second.closed_connection("a", "reconnect")
+    merged = merge_tallies([first.to_dict(), second.to_dict()])
+    assert merged["connections"]["opened"] == 3
+    assert merged["connections"]["open"] == 2
+    assert merged["connections"]["closed"]["reconnect"] == 1
+    assert merged["requests"]["by_pod"] == {"a": 2, "b": 1}
+
+
+def test_plan_mirrors_the_simulator_draws() -> None:
+    import random
+
+    from kpbench.config import validate
+
+    experiment = validate({"name": "x", "workload": {
+        "lifetime": {"distribution": "fixed", "mean_seconds": 10},
+        "reconnect": {"policy": "periodic", "seconds": 4, "jitter": 0.5}}})
+    plan = WorkloadPlan.from_experiment(experiment)
+    ends = [plan.client_end(random.Random(seed)) for seed in range(50)]
+    assert all(reason == "reconnect" and 2 <= end <= 6 for end, reason in ends)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("workload.requests_per_second=-1", "workload.requests_per_second: "),
+    ("workload.reconnect.policy=sometimes", "workload.reconnect.policy: "),
+])
+def test_bad_workload_setting_is_one_line(tmp_path: Path, override: str, expected: str) -> None:
+    config = write_experiment(tmp_path / "e.yaml", {"connections": 1})
+    done = subprocess.run(
+        [PYTHON, "-m", "kpbench.workload", "--config", str(config), "--host",
+         "http://127.0.0.1:9", "--set", override],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+def test_http_connections_match_server_metrics(processes: Processes, tmp_path: Path) -> None:
+    servers, balancer = servers_behind_balancer(processes, 3, "--grpc-port", "off")
+    users = 30
+    held: dict[str, float] = {}
+
+    def during(_: subprocess.Popen[str]) -> None:
+        wait_until(lambda: sum(active(servers)) == users)
+        held.update({f"pod-{i}": n for i, n in enumerate(active(servers)) if n})
+
+    summary = run_workload(processes, tmp_path, {"connections": users, "requests_per_second": 4},
+                           f"http://127.0.0.1:{balancer.port}", 5, during)
+    assert summary["connections"]["opened"] == users
+    assert summary["connections"]["closed"]["end"] == users
+    assert summary["connections"]["open_at_stop_by_pod"] == held
+    assert summary["requests"]["failed"] == 0 and summary["connections"]["failed"] == 0
+    assert len(held) == 3  # 30 connections spread at random over 3 pods
+    for index, server in enumerate(servers):
+        metrics = scrape(server.port)
+        client_count = summary["requests"]["by_pod"].get(f"pod-{index}", 0)
+        # a request in flight when Locust stopped its users is answered but not recorded
+        assert 0 <= metrics[("kpbench_requests_total", "http")] - client_count <= users
+        assert metrics[("kpbench_connections_total", "http")] == held.get(f"pod-{index}", 0)
+        assert metrics[("kpbench_active_connections", "http")] == 0
+
+
+def test_http_periodic_reconnects_at_the_configured_rate(processes: Processes,
+                                                         tmp_path: Path) -> None:
+    server = start_server(processes, "pod-0", "--grpc-port", "off")
+    users = 10
+    summary = run_workload(processes, tmp_path, {
+        "connections": users, "requests_per_second": 5,
+        "reconnect": {"policy": "periodic", "seconds": 0.5, "jitter": 0.2},
+    }, f"http://127.0.0.1:{server.port}", 4)
+    expected = users * summary["_seconds"] / 0.5
+    reconnects = summary["connections"]["closed"]["reconnect"]
+    assert 0.75 * expected <= reconnects <= 1.1 * expected, (reconnects, expected)
+    opened = summary["connections"]["opened"]
+    assert sum(summary["connections"]["closed"].values()) == opened  # each closed exactly once
+    assert users + reconnects - 2 <= opened <= users + reconnects  # the run may end mid-reconnect
+    assert scrape(server.port)[("kpbench_connections_total", "http")] == opened
+    assert summary["requests"]["failed"] == 0
+
+
+def test_http_after_requests_and_lifetime(processes: Processes, tmp_path: Path) -> None:
+    server = start_server(processes, "pod-0", "--grpc-port", "off")
+    users, limit = 10, 4
+    summary = run_workload(processes, tmp_path, {
+        "connections": users, "requests_per_second": 10,
+        "reconnect": {"policy": "after-requests", "requests": limit},
+        "lifetime": {"distribution": "exponential", "mean_seconds": 1.0},
+    }, f"http://127.0.0.1:{server.port}", 4)
+    closed = summary["connections"]["closed"]
+    requests = summary["requests"]["total"]
+    # a connection answers at most `limit` requests, and only a lifetime ends one sooner
+    assert summary["connections"]["opened"] >= requests / limit
+    assert closed["reconnect"] <= requests / limit
+    assert closed["reconnect"] > 0 and closed["lifetime"] > 0
+    opened = summary["connections"]["opened"]
+    assert users + closed["reconnect"] + closed["lifetime"] - 2 <= opened
+    assert opened <= users + closed["reconnect"] + closed["lifetime"]
+    assert scrape(server.port)[("kpbench_connections_total", "http")] == (
+        summary["connections"]["opened"])
+
+
+def test_http_sigterm_moves_clients_without_failures(processes: Processes,
+                                                     tmp_path: Path) -> None:
+    servers, balancer = servers_behind_balancer(
+        processes, 3, "--grpc-port", "off", "--shutdown-drain-seconds", "0.5")
+    users = 30
+    victim_held: list[float] = []
+
+    def during(_: subprocess.Popen[str]) -> None:
+        wait_until(lambda: sum(active(servers)) == users)
+        victim_held.append(active(servers)[0])
+        servers[0].process.send_signal(signal.SIGTERM)
+        assert servers[0].process.wait(timeout=5) == 0
+        wait_until(lambda: sum(active(servers[1:])) == users)
+
+    summary = run_workload(processes, tmp_path, {"connections": users, "requests_per_second": 4},
+                           f"http://127.0.0.1:{balancer.port}", 6, during)
+    closed = summary["connections"]["closed"]
+    assert victim_held[0] > 0
+    assert closed["server-shutdown"] + closed["reset"] == victim_held[0]
+    assert summary["requests"]["failed"] <= victim_held[0] * 0.2  # only in-flight ones may fail
+    assert summary["connections"]["opened"] == users + victim_held[0]
+    assert summary["connections"]["open_at_stop_by_pod"].get("pod-0", 0) == 0
+
+
+def test_http_max_connection_age_is_honoured(processes: Processes, tmp_path: Path) -> None:
+    servers, balancer = servers_behind_balancer(
+        processes, 2, "--grpc-port", "off", "--max-connection-age-seconds", "0.5")
+    users = 10
+    summary = run_workload(processes, tmp_path, {"connections": users, "requests_per_second": 10},
+                           f"http://127.0.0.1:{balancer.port}", 4,
+                           backend={"max_connection_age_seconds": 0.5})
+    closes = summary["connections"]["closed"]["max-age"]
+    # closed by the first response after 0.5 s, reopened by the next request: a cycle lasts
+    # 0.5-0.7 s at 10 requests/s
+    most, least = (users * summary["_seconds"] / cycle for cycle in (0.5, 0.7))
+    assert 0.8 * least <= closes <= most, (closes, least, most)
+    server_closes = sum(scrape(s.port)[("kpbench_server_closes_total", "max-age")]
+                        for s in servers)
+    assert 0 <= server_closes - closes <= users
+    assert summary["requests"]["failed"] == 0
+
+
+def test_distributed_run_merges_worker_tallies(processes: Processes, tmp_path: Path) -> None:
+    server = start_server(processes, "pod-0", "--grpc-port", "off")
+    config = write_experiment(tmp_path / "experiment.yaml",
+                              {"connections": 6, "requests_per_second": 5, "ramp_seconds": 0})
+    port = 20000 + (int(time.time() * 1000) % 20000)
+    worker = processes.spawn(["-m", "kpbench.workload", "--config", str(config), "--worker",
+                              "--master-port", str(port)])
+    summary_path = tmp_path / "summary.json"
+    master = processes.spawn([
+        "-m", "kpbench.workload", "--config", str(config), "--master", "--expect-workers", "1",
+        "--master-bind-port", str(port), "--host", f"http://127.0.0.1:{server.port}",
+        "--run-time", "5", "--summary", str(summary_path),
+    ])
+    _, stderr = master.communicate(timeout=40)
+    assert master.returncode == 0, stderr[-3000:]
+    worker.wait(timeout=15)
+    summary = json.loads(summary_path.read_text())
+    assert summary["role"] == "master" and summary["workers"] == 1
+    assert summary["connections"]["opened"] == 6
+    server_requests = scrape(server.port)[("kpbench_requests_total", "http")]
+    assert 0 < summary["requests"]["by_pod"]["pod-0"] <= server_requests
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+
+def grpc_host(balancer: Started) -> str:
+    return f"127.0.0.1:{balancer.port}"
+
+
+def test_grpc_connections_and_max_age(processes: Processes, tmp_path: Path) -> None:
+    servers, balancer = servers_behind_balancer(processes, 2, "--max-connection-age-seconds", "1",
+                                                grpc=True)
+    users = 10
+    seen: list[float] = []
+
+    def during(_: subprocess.Popen[str]) -> None:
+        wait_until(lambda: sum(active(servers, "grpc")) == users)
+        seen.append(sum(active(servers, "grpc")))
+
+    summary = run_workload(processes, tmp_path,
+                           {"connections": users, "requests_per_second": 5, "protocol": "grpc"},
+                           grpc_host(balancer), 5, during,
+                           backend={"max_connection_age_seconds": 1.0})
+    assert seen == [users]
+    closes = summary["connections"]["closed"]
+    # grpc core jitters the age by +-10%, and the GOAWAY is noticed at the next call
+    expected = users * summary["_seconds"] / 1.0
+    assert 0.5 * expected <= closes["max-age"] <= 1.2 * expected, (closes, expected)
+    assert summary["requests"]["failed"] == 0
+    total = sum(scrape(s.port)[("kpbench_connections_total", "grpc")] for s in servers)
+    assert total == summary["connections"]["opened"]
+    wait_until(lambda: sum(active(servers, "grpc")) == 0)
+
+
+def test_grpc_sigterm_and_periodic_reconnect(processes: Processes, tmp_path: Path) -> None:
+    servers, balancer = servers_behind_balancer(processes, 3, "--shutdown-drain-seconds", "0.5",
+                                                grpc=True)
+    users = 12
+    victim_held: list[float] = []
+
+    def during(_: subprocess.Popen[str]) -> None:
+        wait_until(lambda: sum(active(servers, "grpc")) == users)
+        victim_held.append(active(servers, "grpc")[0])
+        servers[0].process.send_signal(signal.SIGTERM)
+        assert servers[0].process.wait(timeout=10) == 0
+
+    summary = run_workload(processes, tmp_path, {
+        "connections": users, "requests_per_second": 5, "protocol": "grpc",
+        "reconnect": {"policy": "periodic", "seconds": 2.0},
+    }, grpc_host(balancer), 6, during)
+    closed = summary["connections"]["closed"]
+    assert closed["server-shutdown"] + closed["reset"] >= victim_held[0] > 0
+    assert closed["reconnect"] > 0
+    assert summary["requests"]["failed"] <= victim_held[0] * 0.2
+    assert summary["connections"]["open_at_stop_by_pod"].get("pod-0", 0) == 0
