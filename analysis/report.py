@@ -291,7 +291,7 @@ def _run_facts(data: RunData) -> dict[str, Any]:
                            for k, v in data.config.sweep.items()),
         "cells": ", ".join(f"{n} {s.lower()}" for s, n in sorted(statuses.items())),
         "dataplanes": dataplanes,
-        "config_yaml": yaml.safe_dump(config, sort_keys=False, default_flow_style=None,
+        "config_yaml": yaml.safe_dump(config, sort_keys=False, default_flow_style=False,
                                       width=100),
     }
 
