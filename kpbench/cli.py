@@ -171,6 +171,19 @@ def cmd_figures(out: Console) -> int:
     return EXIT_OK
 
 
+def cmd_clean(err: Console) -> int:
+    """Remove every lab namespace (with its links, rules and processes) this suite left."""
+    from kpbench.lab.netns import clean_all
+
+    try:
+        removed = clean_all()
+    except FileNotFoundError:
+        removed = []  # no iproute2: there cannot be lab namespaces
+    err.print(f"clean: removed {len(removed)} lab namespaces" + (
+        f" ({', '.join(removed)})" if removed else ""))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
@@ -188,8 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "figures":
             return cmd_figures(out)
         if args.command == "clean":
-            err.print("clean: nothing to remove (sim creates no clusters or namespaces)")
-            return EXIT_OK
+            return cmd_clean(err)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"kpbench: {line}", file=sys.stderr)

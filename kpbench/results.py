@@ -190,6 +190,11 @@ class RunFolder:
     def save(self) -> None:
         atomic_write_json(self.path / "run.json", self.manifest, replace=True)
 
+    def write_artifact(self, relative: str, content: bytes) -> None:
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, content)
+
     def write_table(self, name: str, frames: Iterable[pd.DataFrame], columns: list[str]) -> None:
         parts = [f for f in frames if len(f)]
         frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)

@@ -130,6 +130,8 @@ def run_experiment(
                 samples.append(_stamp(result.samples, folder.run_id, cell, with_mode=True))
                 events.append(_stamp(result.events, folder.run_id, cell, with_mode=False))
                 connections.append(result.connections.assign(cell_id=cell.cell_id))
+                for name, content in result.artifacts.items():
+                    folder.write_artifact(f"locust/{cell.cell_id}/{name}", content)
                 folder.update_cell(cell.cell_id, status="COMPLETED", dataplane=result.dataplane)
     except KeyboardInterrupt:
         status = "INTERRUPTED"

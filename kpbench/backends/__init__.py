@@ -9,7 +9,6 @@ from kpbench.backends.base import Backend, CellResult, PreflightError, Progress,
 
 BACKEND_CHOICES = ("auto", "sim", "lab", "kind", "cluster")
 NOT_BUILT = {
-    "lab": "the lab backend is not built yet in this version of kpbench",
     "kind": "the kind backend is not built yet in this version of kpbench",
     "cluster": "the cluster backend is not built yet in this version of kpbench",
 }
@@ -53,5 +52,9 @@ def resolve(name: str) -> tuple[Backend, str | None]:
         from kpbench.backends.sim import SimBackend
 
         return SimBackend(), note
+    if name == "lab":
+        from kpbench.lab.backend import LabBackend
+
+        return LabBackend(), note
     choices = ", ".join(BACKEND_CHOICES)
     raise PreflightError(f"--backend {name}: unknown backend (choose from {choices})")

@@ -30,6 +30,7 @@ class CellResult:
     events: pd.DataFrame
     connections: pd.DataFrame
     dataplane: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (Locust's)
 
 
 class Backend(Protocol):

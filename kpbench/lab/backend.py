@@ -1,0 +1,647 @@
+"""`lab`: real kernel data planes in network namespaces, real servers, real Locust (design §6.2).
+
+What is real: the kernel's iptables / nftables rules (kube-proxy's structure, rewritten
+`endpoint_sync_seconds` after each endpoint change), conntrack (existing connections keep their
+entries), TCP, the backend server processes and Locust. What is modelled: the control plane
+(Deployment rollout, ReplicaSet choice, HPA) is kpbench's own `kpbench.control`, driven in real
+time, fed with each server process's measured CPU.
+
+Per cell: build the topology, start the initial pods and wait until they are ready (they count as
+ready at t = 0), write the rules, start Locust (a master in the control namespace, one worker per
+client pod), then run the timeline in real time. Every `sample_seconds` each backend pod's
+`/metrics` is scraped (from a thread inside the control namespace) and each node's conntrack
+table is read for the service's established connections, which gives `connections.parquet` at
+sample resolution (`close_reason` is unknown to the kernel and left empty, except `end`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kpbench import control
+from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
+from kpbench.config import ROOT_SEED, Cell, Experiment
+from kpbench.lab import netns, rules
+from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
+
+HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_HTTP_PORT = 8080, 9090, 9102, 80
+LOCUST_MASTER_PORT = 5557
+READY_POLL_SECONDS = 0.2
+STARTUP_TIMEOUT_SECONDS = 60.0
+TOOLS = ("ip", "iptables-restore", "iptables-save", "nft", "conntrack", "sysctl")
+SUPPORTED_MODES = ("iptables", "nftables")
+
+
+def _unsupported_ipvs() -> str:
+    if not Path("/proc/net/ip_vs").exists():
+        return ("this kernel has no IPVS (/proc/net/ip_vs is absent; `modprobe ip_vs` would be "
+                "needed), so the lab cannot run IPVS modes here")
+    return "the lab's IPVS data plane (ipvsadm) is not implemented yet"
+
+
+class LabBackend:
+    name = "lab"
+    measured = True
+
+    def preflight(self, experiment: Experiment) -> None:
+        if os.geteuid() != 0:
+            raise PreflightError("--backend lab: needs root (CAP_NET_ADMIN) for network namespaces")
+        missing = [t for t in TOOLS if shutil.which(t) is None]
+        if missing:
+            raise PreflightError(
+                f"--backend lab: missing {', '.join(missing)} "
+                "(apt-get install iproute2 iptables nftables conntrack procps)"
+            )
+        routes = subprocess.run(["ip", "-4", "route", "show", "root", "198.18.0.0/15"],
+                                capture_output=True, text=True).stdout.strip()
+        addresses = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", "198.18.0.0/15"],
+                                   capture_output=True, text=True).stdout.strip()
+        if routes or addresses:
+            raise PreflightError(
+                "--backend lab: 198.18.0.0/15 is already in use on this host; the lab needs it free"
+            )
+        if experiment.cluster.nodes > 200:
+            raise PreflightError("--backend lab: cluster.nodes must be <= 200 in the lab")
+        if any(event.action == "load" for event in experiment.events):
+            raise PreflightError("--backend lab: `load` events are not supported by the lab yet")
+        if experiment.workload.proxy != "none":
+            raise PreflightError("--backend lab: workload.proxy l7 is not supported by the lab yet")
+
+    def unsupported_reason(self, mode: str) -> str | None:
+        if mode.startswith("ipvs-"):
+            return _unsupported_ipvs()
+        return None
+
+    def versions(self) -> dict[str, Any]:
+        def first_line(*command: str) -> str | None:
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+            except OSError:
+                return None
+            return (done.stdout or done.stderr).strip().splitlines()[0] if done.stdout else None
+
+        from kpbench.results import package_version
+
+        return {
+            "locust": package_version("locust"),
+            "aiohttp": package_version("aiohttp"),
+            "grpcio": package_version("grpcio"),
+            "iptables": first_line("iptables", "--version"),
+            "nft": first_line("nft", "--version"),
+            "iproute2": first_line("ip", "-V"),
+        }
+
+    def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
+        if cell.mode not in SUPPORTED_MODES:
+            raise Unsupported(self.unsupported_reason(cell.mode) or cell.mode)
+        return LabCell(cell).run(progress)
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class LabPod:
+    pod: control.Pod
+    namespace: str
+    ip: str
+    process: subprocess.Popen[bytes]
+    cpu: tuple[float, float] | None = None  # (t, process CPU seconds) at the last scrape
+    cpu_millicores: float | None = None
+    exited: bool = False
+
+
+@dataclass
+class Scrape:
+    active: int = 0
+    connections: int = 0
+    requests: int = 0
+    cpu_seconds: float | None = None
+
+
+def parse_metrics(text: str) -> Scrape:
+    scrape = Scrape()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kpbench_active_connections":
+                scrape.active += int(sample.value)
+            elif sample.name == "kpbench_connections_total":
+                scrape.connections += int(sample.value)
+            elif sample.name == "kpbench_requests_total":
+                scrape.requests += int(sample.value)
+            elif sample.name == "process_cpu_seconds_total":
+                scrape.cpu_seconds = float(sample.value)
+    return scrape
+
+
+def parse_conntrack(text: str) -> list[tuple[str, int, str]]:
+    """(client ip, client port, pod ip) of each established connection to the ClusterIP."""
+    flows = []
+    for line in text.splitlines():
+        sources = [p[4:] for p in line.split() if p.startswith("src=")]
+        ports = [p[6:] for p in line.split() if p.startswith("sport=")]
+        if len(sources) >= 2 and ports:
+            flows.append((sources[0], int(ports[0]), sources[1]))
+    return flows
+
+
+class LabCell:
+    """One cell in real time."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.cell = cell
+        self.cfg = cell.config
+        streams = np.random.SeedSequence([ROOT_SEED, cell.seed]).spawn(2)
+        self.rng_control = random.Random(int(streams[1].generate_state(1)[0]))
+        self.topology = Topology(self.cfg.cluster.nodes)
+        self.service = rules.Service(
+            "kpbench", "backend", self.cfg.workload.protocol, CLUSTER_IP,
+            SERVICE_HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT,
+        )
+        self.target_port = HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT
+        self.surge, self.unavailable = self.cfg.backend.rollout.resolve(self.cfg.backend.replicas)
+        self.replicas = self.cfg.backend.replicas
+        self.revision = 1
+        self.pods: list[LabPod] = []
+        self.live_per_node = [0] * self.cfg.cluster.nodes
+        self.heap: list[tuple[float, int, str, int]] = []
+        self.seq = 0
+        self.t0 = 0.0
+        self.event_rows: list[tuple[float, str, str, str]] = []
+        self.sample_rows: list[dict[str, Any]] = []
+        self.flows: dict[tuple[int, str, int, str], list[float]] = {}
+        self.sync_pending = False
+        self.sample_lateness: list[float] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="kpbench-lab-"))
+        self.locust: list[subprocess.Popen[bytes]] = []
+        self.clients: list[tuple[str, str, int]] = []
+        hpa = self.cfg.backend.hpa
+        self.autoscaler = (
+            control.Autoscaler(hpa.min_replicas, hpa.max_replicas, hpa.target_cpu_utilization,
+                               hpa.tolerance, hpa.scale_down_stabilization_seconds)
+            if hpa else None
+        )
+        self.scraper = ThreadPoolExecutor(
+            max_workers=16, initializer=netns.enter_permanently,
+            initargs=(self.topology.control_ns,),
+        )
+
+    # -- clock and queue -----------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def at(self, t: float, action: str, arg: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, action, arg))
+
+    def record(self, event: str, pod: LabPod | None = None, **detail: Any) -> None:
+        self.event_rows.append((round(self.now(), 3), event, pod.pod.name if pod else "",
+                                json.dumps(detail, sort_keys=True) if detail else ""))
+
+    # -- pods ----------------------------------------------------------------------------------
+
+    def create_pod(self) -> LabPod:
+        index = len(self.pods)
+        node = control.place(self.live_per_node, self.rng_control)
+        self.live_per_node[node] += 1
+        name = f"backend-{self.revision}-{index:05d}"
+        namespace, ip = self.topology.add_pod(f"p{index}", node)
+        backend = self.cfg.backend
+        command = [
+            sys.executable, "-m", "kpbench.server", "--pod-name", name,
+            "--node-name", f"node-{node + 1}", "--host", ip, "--port", str(HTTP_PORT),
+            "--grpc-port", str(GRPC_PORT) if self.cfg.workload.protocol == "grpc" else "0",
+            "--admin-port", str(ADMIN_PORT),
+            "--cpu-per-request-millicores", str(backend.cpu_per_request_millicores),
+            "--shutdown-drain-seconds", str(min(1.0, backend.termination_grace_seconds)),
+        ]
+        if backend.max_connection_age_seconds is not None:
+            command += ["--max-connection-age-seconds", str(backend.max_connection_age_seconds)]
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        process = subprocess.Popen(netns.ns_exec(namespace, command), stdout=log,
+                                   stderr=subprocess.STDOUT)
+        pod = control.Pod(index, name, self.revision, node, max(self.now(), 0.0))
+        lab_pod = LabPod(pod, namespace, ip, process)
+        self.pods.append(lab_pod)
+        self.record("pod_created", lab_pod, node=f"node-{node + 1}", revision=self.revision,
+                    ip=ip)
+        return lab_pod
+
+    def log_tail(self, pod: LabPod) -> str:
+        path = self.workdir / f"{pod.pod.name}.log"
+        return path.read_text(errors="replace")[-300:] if path.exists() else ""
+
+    def readyz(self, pod: LabPod) -> bool:
+        return self.fetch(f"http://{pod.ip}:{ADMIN_PORT}/readyz") is not None
+
+    def fetch(self, url: str, timeout: float = 1.0) -> str | None:
+        def get() -> str | None:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    return str(response.read().decode())
+            except (urllib.error.URLError, OSError, ValueError):
+                return None
+
+        return self.scraper.submit(get).result()
+
+    def check_ready(self, index: int) -> None:
+        pod = self.pods[index]
+        if not pod.pod.live:
+            return
+        if pod.process.poll() is not None:
+            raise RuntimeError(f"{pod.pod.name} exited with {pod.process.returncode} at start: "
+                               f"{self.log_tail(pod)}")
+        if self.now() - pod.pod.created_at > STARTUP_TIMEOUT_SECONDS:
+            raise RuntimeError(f"{pod.pod.name} not ready after {STARTUP_TIMEOUT_SECONDS:g} s")
+        if not self.readyz(pod):
+            self.at(self.now() + READY_POLL_SECONDS, "ready", index)
+            return
+        pod.pod.ready_at = self.now()
+        self.record("pod_ready", pod)
+        self.endpoints_changed()
+        self.reconcile()
+
+    def terminate(self, pod: LabPod, killed: bool = False) -> None:
+        pod.pod.terminating_at = self.now()
+        self.live_per_node[pod.pod.node] -= 1
+        if killed:
+            pod.process.send_signal(signal.SIGKILL)
+            self.record("pod_killed", pod)
+        else:
+            pod.process.send_signal(signal.SIGTERM)
+            self.record("pod_terminating", pod)
+        self.at(self.now() + READY_POLL_SECONDS, "exited", pod.pod.index)
+        self.endpoints_changed()
+
+    def check_exited(self, index: int) -> None:
+        pod = self.pods[index]
+        assert pod.pod.terminating_at is not None
+        if pod.process.poll() is None:
+            grace = self.cfg.backend.termination_grace_seconds
+            if self.now() - pod.pod.terminating_at > grace:
+                pod.process.kill()
+            self.at(self.now() + READY_POLL_SECONDS, "exited", index)
+            return
+        pod.exited = True
+        pod.pod.deleted_at = self.now()
+        self.record("pod_deleted", pod)
+        self.topology.remove_namespace(pod.namespace)
+
+    def reconcile(self) -> None:
+        while True:
+            plan = control.reconcile([p.pod for p in self.pods], self.replicas, self.revision,
+                                     self.surge, self.unavailable)
+            if not plan:
+                return
+            for pod in plan.delete:
+                self.terminate(self.pods[pod.index])
+            for _ in range(plan.create):
+                created = self.create_pod()
+                ready_at = created.pod.created_at + self.cfg.backend.startup_seconds
+                self.at(ready_at, "ready", created.pod.index)
+
+    # -- data plane ----------------------------------------------------------------------------
+
+    def endpoints_changed(self) -> None:
+        if not self.sync_pending:
+            self.sync_pending = True
+            self.at(self.now() + self.cfg.cluster.endpoint_sync_seconds, "sync")
+
+    def serving(self) -> list[rules.Endpoint]:
+        ready = [p for p in self.pods if p.pod.ready]
+        return sorted((rules.Endpoint(p.ip, self.target_port) for p in ready),
+                      key=lambda e: tuple(int(x) for x in e.ip.split(".")))
+
+    def sync(self) -> dict[str, Any]:
+        self.sync_pending = False
+        endpoints = self.serving()
+        for node in range(self.cfg.cluster.nodes):
+            namespace = self.topology.node_ns(node)
+            if self.cell.mode == "iptables":
+                netns.run(*netns.ns_exec(namespace, ["iptables-restore"]),
+                          input_text=rules.iptables_restore(self.service, endpoints))
+            else:
+                netns.run(*netns.ns_exec(namespace, ["nft", "-f", "-"]),
+                          input_text=rules.nft_ruleset(self.service, endpoints))
+        return {"endpoints": len(endpoints)}
+
+    def read_back(self) -> dict[str, Any]:
+        """Read every node's rules back from the kernel and check them against the mode."""
+        n = len(self.serving())
+        checked = []
+        for node in range(self.cfg.cluster.nodes):
+            namespace = self.topology.node_ns(node)
+            if self.cell.mode == "iptables":
+                text = netns.run(*netns.ns_exec(namespace, ["iptables-save", "-t", "nat"]))
+                seen = [line for line in text.splitlines()
+                        if line.startswith(f"-A {rules.service_chain(self.service)} ")]
+                found = [float(line.split("--probability ")[1].split()[0])
+                         for line in seen if "--probability" in line]
+                expected = [1.0 / (n - i) for i in range(n - 1)]
+                ok = len(seen) == n and all(abs(a - b) < 1e-6 for a, b in
+                                            zip(found, expected, strict=True))
+            else:
+                text = netns.run(*netns.ns_exec(namespace, ["nft", "list", "table", "ip",
+                                                            "kube-proxy"]))
+                seen = [line.strip() for line in text.splitlines() if "numgen" in line]
+                ok = len(seen) == 1 and f"numgen random mod {n} vmap" in seen[0]
+            checked.append(ok)
+            if not ok:
+                raise RuntimeError(f"node-{node + 1}: the {self.cell.mode} rules read back do "
+                                   f"not match {n} endpoints: {seen[:3]}")
+        return {"mode": self.cell.mode, "verified": all(checked), "endpoints": n,
+                "nodes_checked": len(checked), "example_rules_node_1": seen[:8],
+                "source": "read back from each node's kernel (iptables-save / nft list)"}
+
+    # -- workload ------------------------------------------------------------------------------
+
+    def start_clients(self) -> None:
+        workload = self.cfg.workload
+        for client in range(workload.clients):
+            node = client % self.cfg.cluster.nodes
+            namespace, ip = self.topology.add_pod(f"c{client}", node)
+            self.clients.append((namespace, ip, node))
+        config = self.workdir / "experiment.yaml"
+        config.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json")))
+        host = (f"http://{CLUSTER_IP}:{SERVICE_HTTP_PORT}" if workload.protocol == "http"
+                else f"{CLUSTER_IP}:{GRPC_PORT}")
+        base = [sys.executable, "-m", "kpbench.workload", "--config", str(config),
+                "--run-time", str(self.cfg.duration_seconds + 5)]
+        master = [
+            *base, "--host", host, "--master", "--expect-workers", str(workload.clients),
+            "--master-bind-port", str(LOCUST_MASTER_PORT),
+            "--csv", str(self.workdir / "locust" / "locust"),
+            "--summary", str(self.workdir / "summary.json"),
+        ]
+        (self.workdir / "locust").mkdir()
+        log = open(self.workdir / "locust-master.log", "wb")  # noqa: SIM115
+        self.locust.append(subprocess.Popen(netns.ns_exec(self.topology.control_ns, master),
+                                            stdout=log, stderr=subprocess.STDOUT))
+        for index, (namespace, _, _) in enumerate(self.clients):
+            worker = [*base, "--worker", "--master-host", CONTROL_IP,
+                      "--master-port", str(LOCUST_MASTER_PORT)]
+            log = open(self.workdir / f"locust-worker-{index}.log", "wb")  # noqa: SIM115
+            self.locust.append(subprocess.Popen(netns.ns_exec(namespace, worker), stdout=log,
+                                                stderr=subprocess.STDOUT))
+
+    def wait_for_first_connection(self, pods: list[LabPod]) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if any(process.poll() is not None for process in self.locust):
+                logs = sorted(self.workdir.glob("locust-*.log"))
+                tail = logs[0].read_text()[-400:] if logs else ""
+                raise RuntimeError(f"Locust exited before the run started: {tail}")
+            texts = self.scraper.map(
+                lambda p: self._get(f"http://{p.ip}:{ADMIN_PORT}/metrics"), pods
+            )
+            if any(parse_metrics(t).connections > 0 for t in texts if t):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"no connection reached a pod within {STARTUP_TIMEOUT_SECONDS:g} s")
+
+    def stop_clients(self) -> dict[str, Any]:
+        master = self.locust[0] if self.locust else None
+        for process in self.locust:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.locust:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        summary_path = self.workdir / "summary.json"
+        if master is not None and summary_path.exists():
+            return dict(json.loads(summary_path.read_text()))
+        return {}
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sample(self, planned: float) -> None:
+        now = self.now()
+        self.sample_lateness.append(now - planned)
+        alive = [p for p in self.pods if not p.exited]
+        texts = list(self.scraper.map(
+            lambda p: self._get(f"http://{p.ip}:{ADMIN_PORT}/metrics"), alive
+        ))
+        for pod, text in zip(alive, texts, strict=True):
+            if text is None:
+                continue
+            scrape = parse_metrics(text)
+            if scrape.cpu_seconds is not None:
+                if pod.cpu is not None and now > pod.cpu[0]:
+                    used = scrape.cpu_seconds - pod.cpu[1]
+                    pod.cpu_millicores = used / (now - pod.cpu[0]) * 1000
+                pod.cpu = (now, scrape.cpu_seconds)
+            self.sample_rows.append({
+                "t": round(planned, 6), "pod": pod.pod.name, "node": f"node-{pod.pod.node + 1}",
+                "created_at": pod.pod.created_at, "ready": pod.pod.ready,
+                "terminating": pod.pod.terminating_at is not None,
+                "active_connections": scrape.active, "connections_total": scrape.connections,
+                "requests_total": scrape.requests, "cpu_millicores": pod.cpu_millicores,
+            })
+        self.read_conntrack(planned)
+
+    @staticmethod
+    def _get(url: str) -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def read_conntrack(self, t: float) -> None:
+        by_ip = {p.ip: p.pod.name for p in self.pods}
+        for node in range(self.cfg.cluster.nodes):
+            done = subprocess.run(
+                netns.ns_exec(self.topology.node_ns(node),
+                              ["conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP,
+                               "--state", "ESTABLISHED"]),
+                capture_output=True, text=True,
+            )
+            for client_ip, port, pod_ip in parse_conntrack(done.stdout):
+                key = (node, client_ip, port, by_ip.get(pod_ip, pod_ip))
+                seen = self.flows.setdefault(key, [t, t])
+                seen[1] = t
+
+    def hpa_sync(self) -> None:
+        assert self.autoscaler is not None
+        request = self.cfg.backend.cpu_request_millicores
+        ready = [p for p in self.pods if p.pod.ready]
+        unready = sum(1 for p in self.pods if p.pod.live and not p.pod.ready)
+        utilization = [(p.cpu_millicores or 0.0) / request * 100 for p in ready]
+        desired = self.autoscaler.desired(self.now(), self.replicas, utilization, unready)
+        if desired != self.replicas:
+            mean = sum(utilization) / len(utilization) if utilization else 0.0
+            self.record("hpa_desired", replicas=desired, previous=self.replicas,
+                        utilization=round(mean, 1))
+            self.replicas = desired
+            self.reconcile()
+
+    def timeline(self, index: int) -> None:
+        event = self.cfg.events[index]
+        if event.action == "rollout":
+            self.revision += 1
+            self.record("rollout_started", revision=self.revision)
+        elif event.action == "scale":
+            self.record("scaled", replicas=event.replicas, previous=self.replicas)
+            self.replicas = event.replicas or self.replicas
+        elif event.action == "kill-pod":
+            ready = [p for p in self.pods if p.pod.ready]
+            for pod in self.rng_control.sample(ready, min(event.kill_count, len(ready))):
+                self.terminate(pod, killed=True)
+        self.reconcile()
+
+    # -- the cell ------------------------------------------------------------------------------
+
+    def run(self, progress: Progress) -> CellResult:
+        try:
+            return self._run(progress)
+        finally:
+            self.teardown()
+
+    def _run(self, progress: Progress) -> CellResult:
+        cfg = self.cfg
+        self.t0 = time.monotonic()
+        self.topology.create()
+        setup_started = time.monotonic()
+        initial = [self.create_pod() for _ in range(self.replicas)]
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        pending = list(initial)
+        while pending:
+            for pod in pending:
+                if pod.process.poll() is not None:
+                    raise RuntimeError(f"{pod.pod.name} exited at start: "
+                                       f"{self.log_tail(pod)}")
+            pending = [p for p in pending if not self.readyz(p)]
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"{len(pending)} pods not ready after "
+                                   f"{STARTUP_TIMEOUT_SECONDS:g} s")
+            time.sleep(0.05 if pending else 0)
+        for pod in initial:  # created and ready before the cell's clock starts
+            pod.pod.created_at = 0.0
+            pod.pod.ready_at = 0.0
+        self.sync()
+        self.setup_seconds = time.monotonic() - setup_started
+        dataplane = self.read_back()
+        self.start_clients()
+        self.wait_for_first_connection(initial)
+        # The cell's clock starts with the clients' ramp, as in the simulator.
+        self.t0 = time.monotonic()
+        self.event_rows = [(0.0, e, n, d) for _, e, n, d in self.event_rows]
+        for pod in initial:
+            self.record("pod_ready", pod)
+        for index, event in enumerate(cfg.events):
+            self.at(event.at, "timeline", index)
+        samples = math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9)
+        for k in range(samples + 1):
+            self.at(k * cfg.sample_seconds, "sample", k)
+        if self.autoscaler is not None and cfg.backend.hpa is not None:
+            t = cfg.backend.hpa.sync_seconds
+            while t <= cfg.duration_seconds:
+                self.at(t, "hpa")
+                t += cfg.backend.hpa.sync_seconds
+        while self.heap:
+            t, _, action, arg = self.heap[0]
+            if t > cfg.duration_seconds:
+                break
+            wait = t - self.now()
+            if wait > 0:
+                time.sleep(min(wait, 0.5))
+                continue
+            heapq.heappop(self.heap)
+            if action == "sample":
+                self.sample(t)
+                progress(t)
+            elif action == "ready":
+                self.check_ready(arg)
+            elif action == "exited":
+                self.check_exited(arg)
+            elif action == "sync":
+                self.sync()
+            elif action == "timeline":
+                self.timeline(arg)
+            elif action == "hpa":
+                self.hpa_sync()
+        summary = self.stop_clients()
+        return self.result(dataplane, summary)
+
+    def result(self, dataplane: dict[str, Any], summary: dict[str, Any]) -> CellResult:
+        samples = pd.DataFrame(self.sample_rows)
+        samples["cpu_millicores"] = samples["cpu_millicores"].astype("float64")
+        failed = summary.get("connections", {}).get("failed", 0)
+        events = list(self.event_rows)
+        if failed:
+            events.append((self.cfg.duration_seconds, "connection_failed", "",
+                           json.dumps({"count": failed, "reason": "counted by the workload"})))
+        events_frame = pd.DataFrame(events, columns=["t", "event", "pod", "detail"])
+        events_frame = events_frame.sort_values("t", kind="stable").reset_index(drop=True)
+        last_sample = max((v[1] for v in self.flows.values()), default=0.0)
+        rows = []
+        for conn_id, ((node, client_ip, _port, pod), (first, last)) in enumerate(
+            sorted(self.flows.items(), key=lambda item: (item[1][0], item[0]))
+        ):
+            still_open = last >= last_sample
+            rows.append({
+                "conn_id": conn_id, "client": client_ip, "node": f"node-{node + 1}",
+                "pod": pod, "opened_at": first,
+                "closed_at": math.nan if still_open else last + self.cfg.sample_seconds,
+                "close_reason": "end" if still_open else None, "requests": None,
+            })
+        connections = pd.DataFrame(rows, columns=["conn_id", "client", "node", "pod",
+                                                  "opened_at", "closed_at", "close_reason",
+                                                  "requests"])
+        artifacts: dict[str, bytes] = {}
+        for path in sorted((self.workdir / "locust").glob("*.csv")):
+            artifacts[path.name] = path.read_bytes()
+        if (self.workdir / "summary.json").exists():
+            artifacts["summary.json"] = (self.workdir / "summary.json").read_bytes()
+        lateness = np.asarray(self.sample_lateness) if self.sample_lateness else np.zeros(1)
+        dataplane = dataplane | {
+            "setup_seconds": round(self.setup_seconds, 3),
+            "sample_lateness_ms": {"median": round(float(np.median(lateness)) * 1000, 2),
+                                   "max": round(float(lateness.max()) * 1000, 2)},
+            "workload": {k: summary.get(k) for k in ("connections", "requests")},
+        }
+        return CellResult(samples, events_frame, connections, dataplane, artifacts)
+
+    def teardown(self) -> None:
+        for process in self.locust:
+            if process.poll() is None:
+                process.kill()
+        for pod in self.pods:
+            if pod.process.poll() is None:
+                pod.process.kill()
+        for process in [*self.locust, *(p.process for p in self.pods)]:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        self.scraper.shutdown(wait=False, cancel_futures=True)
+        self.topology.destroy()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+__all__ = ["LabBackend", "parse_conntrack", "parse_metrics"]

@@ -1,0 +1,230 @@
+"""The lab's network: namespaces as nodes and pods, veth pairs, a bridge, routes (design §6.2).
+
+Layout (every name starts with the run's prefix `kpb-<6 hex>-`):
+  <prefix>br      the bridge `br0`; one port per node and one for the control namespace
+  <prefix>ctl     198.19.255.250: where kpbench's scraper and the Locust master run
+  <prefix>n<k>    node k (1-based): eth0 198.19.255.<k>/24 on the bridge, forwarding, kube-proxy's
+                  rules for the service; a /32 route per local pod, a /24 route per other node
+  <prefix>p<i>    backend pod i, <prefix>c<j> client pod j: eth0 198.18.<k>.<host>/32, default
+                  route via 198.18.<k>.1 (the node's address on every pod-facing veth)
+Addresses come from 198.18.0.0/15 (RFC 2544, benchmarking), ClusterIPs from 198.19.0.0/24. The
+root namespace gets no address, route or link: veths are created directly inside their
+namespaces, so no lab traffic can reach the host's networks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+PREFIX = "kpb-"
+NAME = re.compile(r"^kpb-[0-9a-f]{6}-")
+NODE_NET = "198.19.255"
+CONTROL_IP = f"{NODE_NET}.250"
+CLUSTER_IP = "198.19.0.10"
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+
+
+class LabError(RuntimeError):
+    """A lab operation failed; the message names the command."""
+
+
+def run(*args: str, input_text: str | None = None) -> str:
+    done = subprocess.run(args, input=input_text, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LabError(f"{' '.join(args[:6])}: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def node_ip(node: int) -> str:
+    return f"{NODE_NET}.{node + 1}"
+
+
+def pod_ip(node: int, host: int) -> str:
+    return f"198.18.{node}.{host}"
+
+
+@dataclass
+class Topology:
+    """The lab's namespaces and links, created and removed here; nothing else touches them."""
+
+    nodes: int
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    namespaces: list[str] = field(default_factory=list)
+    _next_host: list[int] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return f"{PREFIX}{self.tag}-"
+
+    def ns(self, name: str) -> str:
+        return self.prefix + name
+
+    @property
+    def bridge_ns(self) -> str:
+        return self.ns("br")
+
+    @property
+    def control_ns(self) -> str:
+        return self.ns("ctl")
+
+    def node_ns(self, node: int) -> str:
+        return self.ns(f"n{node + 1}")
+
+    def _add_namespace(self, name: str) -> None:
+        run("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _sysctl(self, namespace: str, *settings: str) -> None:
+        run("ip", "netns", "exec", namespace, "sysctl", "-qw", *settings)
+
+    def create(self) -> None:
+        self._next_host = [2] * self.nodes
+        self._add_namespace(self.bridge_ns)
+        run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        attach = [(self.control_ns, "ctl", CONTROL_IP)]
+        attach += [(self.node_ns(n), f"n{n + 1}", node_ip(n)) for n in range(self.nodes)]
+        for namespace, port, address in attach:
+            self._add_namespace(namespace)
+            run("ip", "link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name",
+                port, "netns", self.bridge_ns)
+            run("ip", "-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
+            run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
+            run("ip", "-n", namespace, "link", "set", "eth0", "up")
+        for node in range(self.nodes):
+            namespace = self.node_ns(node)
+            self._sysctl(namespace, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                         "net.ipv4.conf.default.rp_filter=0")
+            for other in range(self.nodes):
+                if other != node:
+                    run("ip", "-n", namespace, "route", "add", f"198.18.{other}.0/24", "via",
+                        node_ip(other))
+            run("ip", "-n", self.control_ns, "route", "add", f"198.18.{node}.0/24", "via",
+                node_ip(node))
+        # ClusterIPs are answered by the nodes' rules; from the control namespace, via node 1.
+        run("ip", "-n", self.control_ns, "route", "add", "198.19.0.0/24", "via", node_ip(0))
+
+    def add_pod(self, name: str, node: int) -> tuple[str, str]:
+        """A pod namespace on `node`; returns (namespace, ip)."""
+        host = self._next_host[node]
+        if host > 254:
+            raise LabError(f"node {node + 1} has no free pod address")
+        self._next_host[node] += 1
+        namespace, ip, veth = self.ns(name), pod_ip(node, host), f"v{name}"
+        node_ns = self.node_ns(node)
+        self._add_namespace(namespace)
+        run("ip", "link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name",
+            veth, "netns", node_ns)
+        run("ip", "-n", namespace, "addr", "add", f"{ip}/32", "dev", "eth0")
+        run("ip", "-n", namespace, "link", "set", "eth0", "up")
+        gateway = pod_ip(node, 1)
+        run("ip", "-n", namespace, "route", "add", gateway, "dev", "eth0", "scope", "link")
+        run("ip", "-n", namespace, "route", "add", "default", "via", gateway)
+        run("ip", "-n", node_ns, "addr", "add", f"{gateway}/32", "dev", veth)
+        run("ip", "-n", node_ns, "link", "set", veth, "up")
+        run("ip", "-n", node_ns, "route", "add", f"{ip}/32", "dev", veth)
+        return namespace, ip
+
+    def remove_namespace(self, namespace: str) -> None:
+        kill_namespace_processes(namespace)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        if namespace in self.namespaces:
+            self.namespaces.remove(namespace)
+
+    def destroy(self) -> None:
+        kill_processes([p for n in self.namespaces for p in namespace_pids(n)])
+        for namespace in reversed(list(self.namespaces)):
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        self.namespaces.clear()
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    done = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split()]
+
+
+def kill_namespace_processes(namespace: str, grace_seconds: float = 2.0) -> None:
+    kill_processes(namespace_pids(namespace), grace_seconds)
+
+
+def kill_processes(pids: list[int], grace_seconds: float = 2.0) -> None:
+    """SIGTERM, wait up to the grace period, then SIGKILL what is left."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _alive(p)]
+        time.sleep(0.05)
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def suite_namespaces() -> list[str]:
+    """Every namespace this suite created and did not remove (any run)."""
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    names = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+    return [n for n in names if NAME.match(n)]
+
+
+def clean_all() -> list[str]:
+    """`kpbench clean`: remove every namespace (and so every link, rule, process) of the suite."""
+    removed = []
+    namespaces = suite_namespaces()
+    kill_processes([p for n in namespaces for p in namespace_pids(n)], grace_seconds=1.0)
+    for namespace in namespaces:
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        removed.append(namespace)
+    return removed
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns_lock = threading.Lock()
+
+
+@contextmanager
+def entered(namespace: str) -> Iterator[None]:
+    """Run the calling thread inside `namespace` (network namespaces are per thread)."""
+    with open("/proc/thread-self/ns/net", "rb") as own, open(f"{NETNS_DIR}/{namespace}",
+                                                               "rb") as target:
+        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise LabError(f"setns {namespace}: {os.strerror(ctypes.get_errno())}")
+        try:
+            yield
+        finally:
+            _libc.setns(own.fileno(), CLONE_NEWNET)
+
+
+def enter_permanently(namespace: str) -> None:
+    """Move the calling thread into `namespace` for good (a pool thread's initializer)."""
+    with open(f"{NETNS_DIR}/{namespace}", "rb") as target:
+        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise LabError(f"setns {namespace}: {os.strerror(ctypes.get_errno())}")
+
+
+def ns_exec(namespace: str, command: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", namespace, *command]
