@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STEPS = (1000, 2500, 5000, 7500)
 SERVERS = 1
 RAMP_SECONDS = 10.0
-STEADY_SECONDS = 12.0
+STEADY_SECONDS = 10.0
 
 
 def _spawn(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
@@ -100,15 +100,21 @@ def measure_step(connections: int, workdir: Path) -> dict[str, float]:
                          "ramp_seconds": RAMP_SECONDS},
         }))
         summary = workdir / f"summary-{connections}.json"
-        run_time = RAMP_SECONDS + STEADY_SECONDS + 3
+        run_time = RAMP_SECONDS + STEADY_SECONDS + 60
         workload = _spawn(["-m", "kpbench.workload", "--config", str(config), "--host",
                            f"http://127.0.0.1:{target_port}", "--run-time", str(run_time),
                            "--summary", str(summary)])
-        # steady window: after the ramp, measure requests answered by the servers
-        time.sleep(RAMP_SECONDS + 3.0)
+        # the steady window starts once every connection is held (or the ramp clearly failed)
+        ramp_deadline = time.monotonic() + RAMP_SECONDS + 20.0
+        while time.monotonic() < ramp_deadline:
+            if sum(_metrics(port)["kpbench_active_connections"] for _, port in servers) >= (
+                    connections):
+                break
+            time.sleep(0.5)
+        time.sleep(2.0)
         before = [_metrics(port) for _, port in servers]
         started = time.monotonic()
-        time.sleep(STEADY_SECONDS - 3.0)
+        time.sleep(STEADY_SECONDS)
         after = [_metrics(port) for _, port in servers]
         elapsed = time.monotonic() - started
         held = sum(m["kpbench_active_connections"] for m in after)
@@ -116,7 +122,8 @@ def measure_step(connections: int, workdir: Path) -> dict[str, float]:
                        for a, b in zip(after, before, strict=True))
         cpu = sum(a["process_cpu_seconds_total"] - b["process_cpu_seconds_total"]
                   for a, b in zip(after, before, strict=True))
-        workload.communicate(timeout=run_time + 60)
+        workload.send_signal(signal.SIGTERM)  # Locust writes the summary as it shuts down
+        workload.communicate(timeout=60)
         result = json.loads(summary.read_text())
         attempts = result["requests"]["total"] + result["requests"]["failed"] + (
             result["connections"]["failed"])
