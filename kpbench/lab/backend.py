@@ -48,6 +48,7 @@ from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
 
 HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_HTTP_PORT = 8080, 9090, 9102, 80
 LOCUST_MASTER_PORT = 5557
+LOCUST_RUN_TIME_MARGIN_SECONDS = 600  # Locust is stopped by SIGTERM when the cell ends
 READY_POLL_SECONDS = 0.2
 STARTUP_TIMEOUT_SECONDS = 60.0
 TOOLS = ("ip", "iptables-restore", "iptables-save", "nft", "conntrack", "sysctl")
@@ -389,7 +390,7 @@ class LabCell:
         host = (f"http://{CLUSTER_IP}:{SERVICE_HTTP_PORT}" if workload.protocol == "http"
                 else f"{CLUSTER_IP}:{GRPC_PORT}")
         base = [sys.executable, "-m", "kpbench.workload", "--config", str(config),
-                "--run-time", str(self.cfg.duration_seconds + 5)]
+                "--run-time", str(self.cfg.duration_seconds + LOCUST_RUN_TIME_MARGIN_SECONDS)]
         master = [
             *base, "--host", host, "--master", "--expect-workers", str(workload.clients),
             "--master-bind-port", str(LOCUST_MASTER_PORT),
@@ -423,7 +424,14 @@ class LabCell:
         raise RuntimeError(f"no connection reached a pod within {STARTUP_TIMEOUT_SECONDS:g} s")
 
     def stop_clients(self) -> dict[str, Any]:
+        """SIGTERM the master first (it writes the summary and stops its workers), then the rest."""
         master = self.locust[0] if self.locust else None
+        if master is not None and master.poll() is None:
+            master.send_signal(signal.SIGTERM)
+            try:
+                master.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                master.kill()
         for process in self.locust:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -448,6 +456,9 @@ class LabCell:
         texts = list(self.scraper.map(
             lambda p: self._get(f"http://{p.ip}:{ADMIN_PORT}/metrics"), alive
         ))
+        unanswered = [p.pod.name for p, text in zip(alive, texts, strict=True) if text is None]
+        if unanswered:  # no row rather than an invented one; the gap is recorded
+            self.record("scrape_failed", None, pods=unanswered, sample=planned)
         for pod, text in zip(alive, texts, strict=True):
             if text is None:
                 continue

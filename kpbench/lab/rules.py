@@ -127,8 +127,8 @@ def iptables_restore(service: Service, endpoints: Sequence[Endpoint]) -> str:
     if not endpoints:
         filter_table.append(
             f'-A KUBE-SERVICES -m comment --comment "{name} has no endpoints" '
-            f"-m {service.protocol} -p {service.protocol} -d {service.cluster_ip}/32 --dport {service.port} "
-            "-j REJECT --reject-with icmp-port-unreachable"
+            f"-m {service.protocol} -p {service.protocol} -d {service.cluster_ip}/32 "
+            f"--dport {service.port} -j REJECT --reject-with icmp-port-unreachable"
         )
     filter_table.append("COMMIT")
     return "\n".join(nat + filter_table) + "\n"

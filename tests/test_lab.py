@@ -1,0 +1,184 @@
+"""The lab backend for real: namespaces, kernel rules, servers and Locust (root only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from kpbench.lab.netns import suite_namespaces
+from kpbench.results import load_run
+
+from .conftest import REPOSITORY
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)"),
+    pytest.mark.skipif(
+        any(shutil.which(t) is None for t in ("ip", "iptables-restore", "nft", "conntrack")),
+        reason="the lab needs iproute2, iptables, nftables and conntrack",
+    ),
+]
+
+
+def suite_processes() -> list[str]:
+    done = subprocess.run(["pgrep", "-af", "kpbench.(server|workload)"], capture_output=True,
+                          text=True)
+    return [line for line in done.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> object:
+    links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    yield
+    assert suite_namespaces() == []
+    assert suite_processes() == []
+    links_after = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert len(links_after.splitlines()) == len(links_before.splitlines())
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lab.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_lab(config: Path, out: Path, *extra: str) -> Path:
+    done = subprocess.run(
+        [sys.executable, "-m", "kpbench", "run", str(config), "--backend", "lab", "--out",
+         str(out), "--no-report", *extra],
+        capture_output=True, text=True, cwd=REPOSITORY, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_connections_match_the_clients_and_spread_uniformly(tmp_path: Path, mode: str) -> None:
+    pods, connections = 6, 600
+    config = write_config(tmp_path, f"""
+name: lab-spread
+modes: [{mode}]
+seeds: 1
+duration_seconds: 12
+sample_seconds: 1.0
+cluster: {{nodes: 2}}
+backend: {{replicas: {pods}, cpu_per_request_millicores: 0}}
+workload: {{clients: 3, connections: {connections}, ramp_seconds: 4}}
+""")
+    run = load_run(run_lab(config, tmp_path))
+    (cell,) = run.cells
+    assert cell["status"] == "COMPLETED" and cell["dataplane"]["verified"]
+    last = run.samples[run.samples["t"] == run.samples["t"].max()]
+    server_counts = last.set_index("pod")["active_connections"].sort_index()
+    held = cell["dataplane"]["workload"]["connections"]["open_at_stop_by_pod"]
+    assert server_counts.to_dict() == {pod: held.get(pod, 0) for pod in server_counts.index}
+    assert server_counts.sum() == connections
+    open_flows = run.connections[run.connections["close_reason"] == "end"]
+    assert open_flows.groupby("pod").size().sort_index().to_dict() == server_counts.to_dict()
+    # Uniform random choice: the per-pod counts are multinomial(600, 1/6).
+    p_value = stats.chisquare(server_counts.to_numpy()).pvalue
+    assert p_value > 0.001, server_counts.to_dict()
+
+
+def test_rollout_and_scale_out_produce_the_expected_pod_events(tmp_path: Path) -> None:
+    config = write_config(tmp_path, """
+name: lab-events
+modes: [iptables]
+seeds: 1
+duration_seconds: 34
+sample_seconds: 1.0
+cluster: {nodes: 2}
+backend: {replicas: 4, startup_seconds: 2, rollout: {max_surge: 1, max_unavailable: 0}}
+workload: {clients: 2, connections: 40, ramp_seconds: 2}
+events:
+  - {at: 4, action: rollout}
+  - {at: 24, action: scale, replicas: 6}
+""")
+    run = load_run(run_lab(config, tmp_path))
+    events = run.events
+    created = events[events["event"] == "pod_created"]
+    assert len(created) == 4 + 4 + 2
+    new = created[created["t"] > 0]["pod"].tolist()
+    assert all(p.startswith("backend-2-") for p in new)
+    ready = set(events[(events["event"] == "pod_ready") & (events["t"] > 0)]["pod"])
+    assert ready == set(new)
+    terminated = set(events[events["event"] == "pod_terminating"]["pod"])
+    deleted = set(events[events["event"] == "pod_deleted"]["pod"])
+    assert terminated == deleted == set(created[created["t"] == 0]["pod"])
+    # maxSurge 1 / maxUnavailable 0: never more than 5 live pods during the rollout
+    during = run.samples[(run.samples["t"] > 4) & (run.samples["t"] < 24)]
+    live = during[~during["terminating"]].groupby("t").size()
+    assert live.max() <= 5
+    last = run.samples[run.samples["t"] == run.samples["t"].max()]
+    assert len(last) == 6 and last["ready"].all()
+    assert last["active_connections"].sum() == 40
+    locust_files = {p.name for p in (run.path / "locust" / "iptables-s1").iterdir()}
+    assert {"locust_stats.csv", "summary.json"} <= locust_files
+
+
+def start_slow_run(tmp_path: Path) -> subprocess.Popen[str]:
+    config = write_config(tmp_path, """
+name: lab-slow
+modes: [iptables, nftables]
+seeds: 1
+duration_seconds: 600
+cluster: {nodes: 2}
+backend: {replicas: 2}
+workload: {clients: 1, connections: 10, ramp_seconds: 1}
+""")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kpbench", "run", str(config), "--backend", "lab", "--out",
+         str(tmp_path), "--no-report"],
+        cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if any("kpbench.workload" in line for line in suite_processes()):
+            time.sleep(2)
+            return process
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the lab run did not start its workload")
+
+
+def test_interrupted_run_leaves_nothing_and_says_interrupted(tmp_path: Path) -> None:
+    process = start_slow_run(tmp_path)
+    assert suite_namespaces()
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    manifest = json.loads((Path(stdout.strip().splitlines()[-1]) / "run.json").read_text())
+    assert manifest["status"] == "INTERRUPTED"
+
+
+def test_clean_after_a_killed_run_removes_everything(tmp_path: Path) -> None:
+    process = start_slow_run(tmp_path)
+    process.kill()
+    process.wait()
+    assert suite_namespaces(), "a killed run leaves its namespaces for `kpbench clean`"
+    done = subprocess.run([sys.executable, "-m", "kpbench", "clean"], capture_output=True,
+                          text=True, cwd=REPOSITORY, timeout=60)
+    assert done.returncode == 0
+    assert "removed" in done.stderr
+    deadline = time.monotonic() + 10
+    while suite_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_ipvs_cells_are_unsupported_on_a_kernel_without_ipvs(tmp_path: Path) -> None:
+    if Path("/proc/net/ip_vs").exists():
+        pytest.skip("this kernel has IPVS")
+    config = write_config(tmp_path, "name: lab-ipvs\nmodes: [ipvs-rr, ipvs-sh]\nseeds: 1\n"
+                                    "duration_seconds: 5\n")
+    run = load_run(run_lab(config, tmp_path))
+    assert {c["status"] for c in run.cells} == {"UNSUPPORTED"}
+    assert all("no IPVS" in c["error"] for c in run.cells)
