@@ -1,9 +1,12 @@
 """`nox -s bench`: speed and memory figures (printed, never asserted).
 
-Each case runs in a fresh subprocess so that its peak memory is its own:
+Each simulator case runs in a fresh subprocess so that its peak memory is its own:
   quickstart  every cell of experiments/quickstart.yaml (15 cells), sim
   sim-large   experiments/sim-large.yaml, one process per mode, sim
 Connection events = connections opened + closed + failed connection attempts.
+Lab (root only): setup and teardown of a 12-pod cell, the most long-lived connections the lab
+holds at 1 request/s with under 1% failed connects, and the lateness of the sample clock.
+Workload: connections one Locust worker process holds, server CPU per 1,000 requests.
 """
 
 from __future__ import annotations
@@ -82,11 +85,86 @@ def run_sim_cases(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
+LAB_SETUP_CASE = {"pods": 12, "nodes": 3, "clients": 6}
+LAB_CAPACITY_STEPS = (500, 1000, 2000, 3000)
+FAILURE_LIMIT = 0.01
+
+
+def _lab_cell(name: str, connections: int, pods: int, nodes: int, clients: int,
+              duration: float) -> Any:
+    from kpbench.config import expand_cells, validate
+
+    experiment = validate({
+        "name": name, "modes": ["iptables"], "seeds": 1, "duration_seconds": duration,
+        "sample_seconds": 1.0, "cluster": {"nodes": nodes},
+        "backend": {"replicas": pods, "cpu_per_request_millicores": 0},
+        "workload": {"clients": clients, "connections": connections,
+                     "ramp_seconds": max(2.0, connections / 500)},
+    })
+    return expand_cells(experiment)[0]
+
+
+def run_lab_cases(console: Console) -> dict[str, Any]:
+    """Lab setup/teardown per cell, connection capacity, and the jitter of the sample clock."""
+    import os
+
+    from kpbench.lab.backend import LabCell
+
+    if os.geteuid() != 0:
+        console.print("lab benchmark: skipped (needs root)")
+        return {}
+    figures: dict[str, Any] = {}
+    setup = LabCell(_lab_cell("bench-lab-setup", 12, duration=3, **LAB_SETUP_CASE))
+    setup.run(lambda t: None)
+    figures["setup_seconds"] = setup.setup_seconds
+    figures["teardown_seconds"] = setup.teardown_seconds
+    lateness: list[float] = []
+    capacity = 0
+    table = Table(title="lab (backend lab: real kernel rules, servers and Locust; iptables)")
+    for column in ("connections", "held at end", "failed", "failed %", "lateness median ms",
+                   "lateness max ms", "result"):
+        table.add_column(column, justify="right")
+    for connections in LAB_CAPACITY_STEPS:
+        cell = LabCell(_lab_cell("bench-lab-capacity", connections, pods=12, nodes=3,
+                                 clients=6, duration=20))
+        try:
+            result = cell.run(lambda t: None)
+        except Exception as exc:  # a step that breaks is a result too
+            table.add_row(f"{connections:,}", "—", "—", "—", "—", "—", f"error: {exc}"[:60])
+            break
+        samples = result.samples
+        held = int(samples[samples["t"] == samples["t"].max()]["active_connections"].sum())
+        workload = result.dataplane.get("workload", {}).get("connections") or {}
+        failed = int(workload.get("failed", 0))
+        opened = max(int(workload.get("opened", 0)), 1)
+        share = failed / (opened + failed)
+        late = result.dataplane["sample_lateness_ms"]
+        lateness.append(late["max"])
+        ok = held == connections and share < FAILURE_LIMIT
+        if ok:
+            capacity = connections
+        table.add_row(f"{connections:,}", f"{held:,}", f"{failed:,}", f"{share:.2%}",
+                      f"{late['median']:.1f}", f"{late['max']:.1f}", "ok" if ok else "over")
+        if not ok:
+            break
+    console.print(table)
+    figures["max_connections_under_1pct_failures"] = capacity
+    figures["sample_lateness_max_ms"] = max(lateness, default=float("nan"))
+    console.print(
+        f"lab setup (topology, 12 pods + 6 clients, servers ready, rules): "
+        f"{figures['setup_seconds']:.2f} s; teardown {figures['teardown_seconds']:.2f} s; "
+        f"most connections held with < 1% failures: {capacity:,} (of steps "
+        f"{', '.join(str(s) for s in LAB_CAPACITY_STEPS)}); sample clock lateness max "
+        f"{figures['sample_lateness_max_ms']:.1f} ms"
+    )
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kpbench.bench", description=__doc__)
     parser.add_argument("--one", type=Path, help="measure one config in this process (internal)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--only", choices=["sim", "workload"], default=None)
+    parser.add_argument("--only", choices=["sim", "lab", "workload"], default=None)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.overrides)))
@@ -94,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if args.only in (None, "sim"):
         run_sim_cases(console)
+    if args.only in (None, "lab"):
+        run_lab_cases(console)
     if args.only in (None, "workload"):
         try:
             from kpbench.workload import bench as workload_bench

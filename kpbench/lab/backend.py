@@ -539,7 +539,7 @@ class LabCell:
         cfg = self.cfg
         self.t0 = time.monotonic()
         self.topology.create()
-        setup_started = time.monotonic()
+        setup_started = self.t0
         initial = [self.create_pod() for _ in range(self.replicas)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         pending = list(initial)
@@ -641,6 +641,13 @@ class LabCell:
         return CellResult(samples, events_frame, connections, dataplane, artifacts)
 
     def teardown(self) -> None:
+        started = time.monotonic()
+        try:
+            self._teardown()
+        finally:
+            self.teardown_seconds = time.monotonic() - started
+
+    def _teardown(self) -> None:
         for process in self.locust:
             if process.poll() is None:
                 process.kill()
