@@ -181,6 +181,7 @@ class Reconnect(_Strict):
 
 class Workload(_Strict):
     clients: int = Field(6, ge=1)
+    client_nodes: int | None = Field(None, ge=1)
     connections: int = Field(120, ge=0)
     requests_per_second: float = Field(1.0, gt=0)
     ramp_seconds: float = Field(10, ge=0)
@@ -295,10 +296,17 @@ class Experiment(_Strict):
         for key, values in self.sweep.items():
             if not values:
                 raise ValueError(f"sweep.{key}: needs at least one value")
+        client_nodes = self.workload.client_nodes
+        if client_nodes is not None and client_nodes > self.cluster.nodes:
+            raise ValueError("workload.client_nodes: must be <= cluster.nodes")
         hpa = self.backend.hpa
         if hpa is not None and not hpa.min_replicas <= self.backend.replicas <= hpa.max_replicas:
             raise ValueError("backend.replicas: must lie within hpa min_replicas..max_replicas")
         return self
+
+    def client_node(self, client: int) -> int:
+        """Client pods go round-robin over the first `workload.client_nodes` nodes (all)."""
+        return client % (self.workload.client_nodes or self.cluster.nodes)
 
     @property
     def seed_list(self) -> list[int]:

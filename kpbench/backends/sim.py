@@ -308,7 +308,7 @@ class Simulation:
         for _ in range(count):
             user = len(self.user_node)
             client = user % self.cfg.workload.clients
-            node = client % self.nodes
+            node = self.cfg.client_node(client)
             self.user_node.append(node)
             self.user_ip.append(client_ip(node, client // self.nodes))
             self.user_pod.append(-1)

@@ -382,7 +382,7 @@ class LabCell:
     def start_clients(self) -> None:
         workload = self.cfg.workload
         for client in range(workload.clients):
-            node = client % self.cfg.cluster.nodes
+            node = self.cfg.client_node(client)
             namespace, ip = self.topology.add_pod(f"c{client}", node)
             self.clients.append((namespace, ip, node))
         config = self.workdir / "experiment.yaml"
