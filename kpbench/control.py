@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 SCALE_UP_PERIOD_SECONDS = 15.0
@@ -156,6 +156,22 @@ class Autoscaler:
         if recommendation > current:
             self._scale_ups.append((now, recommendation - current))
         return recommendation
+
+    def evaluate(
+        self,
+        now: float,
+        current: int,
+        pods: Iterable[Pod],
+        cpu_millicores: Callable[[Pod], float],
+        request_millicores: float,
+    ) -> tuple[int, float]:
+        """(desired replicas, mean utilisation %) from the pods' CPU, as one HPA sync sees it."""
+        pods = list(pods)
+        ready = [p for p in pods if p.ready]
+        unready = sum(1 for p in pods if p.live and not p.ready)
+        utilization = [cpu_millicores(p) / request_millicores * 100 for p in ready]
+        mean = sum(utilization) / len(utilization) if utilization else 0.0
+        return self.desired(now, current, utilization, unready), mean
 
     def _recommend(self, current: int, ready_utilization: Sequence[float], unready: int) -> int:
         if not ready_utilization:

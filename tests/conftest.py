@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .loopback import Processes
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPOSITORY / "experiments"
@@ -11,3 +14,13 @@ EXPERIMENTS = REPOSITORY / "experiments"
 @pytest.fixture
 def repository() -> Path:
     return REPOSITORY
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Processes a test starts; every one is stopped when the test ends, even on failure."""
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.stop_all()

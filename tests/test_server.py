@@ -5,27 +5,15 @@ from __future__ import annotations
 import http.client
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from loopback import PYTHON, REPO, Processes, scrape, start_server
+from .loopback import PYTHON, REPO, Processes, scrape, start_server
 
 GRPC_METHOD = "/kpbench.Echo/Hello"
 
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 def keep_alive(port: int) -> http.client.HTTPConnection:

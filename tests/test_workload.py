@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from loopback import (
+from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies
+
+from .loopback import (
     PYTHON,
     REPO,
     Processes,
@@ -27,17 +27,6 @@ from loopback import (
     start_server,
     write_experiment,
 )
-
-from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 def active(servers: list[Started], protocol: str = "http") -> list[float]:

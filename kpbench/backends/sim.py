@@ -479,15 +479,13 @@ class Simulation:
 
     def hpa_sync(self) -> None:
         assert self.autoscaler is not None
-        request = self.cfg.backend.cpu_request_millicores
-        ready = [i for i in self.alive if self.pods[i].ready]
-        unready = sum(1 for i in self.alive if self.pods[i].live and not self.pods[i].ready)
         rates = self.request_rates()
-        utilization = [rates[i] * self.cfg.backend.cpu_per_request_millicores / request * 100
-                       for i in ready]
-        desired = self.autoscaler.desired(self.now, self.replicas, utilization, unready)
+        per_request = self.cfg.backend.cpu_per_request_millicores
+        desired, mean = self.autoscaler.evaluate(
+            self.now, self.replicas, (self.pods[i] for i in self.alive),
+            lambda pod: rates[pod.index] * per_request, self.cfg.backend.cpu_request_millicores,
+        )
         if desired != self.replicas:
-            mean = sum(utilization) / len(utilization) if utilization else 0.0
             self.record("hpa_desired", replicas=desired, previous=self.replicas,
                         utilization=round(mean, 1))
             self.replicas = desired

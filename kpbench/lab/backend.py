@@ -501,13 +501,12 @@ class LabCell:
 
     def hpa_sync(self) -> None:
         assert self.autoscaler is not None
-        request = self.cfg.backend.cpu_request_millicores
-        ready = [p for p in self.pods if p.pod.ready]
-        unready = sum(1 for p in self.pods if p.pod.live and not p.pod.ready)
-        utilization = [(p.cpu_millicores or 0.0) / request * 100 for p in ready]
-        desired = self.autoscaler.desired(self.now(), self.replicas, utilization, unready)
+        cpu = {p.pod.index: p.cpu_millicores or 0.0 for p in self.pods}
+        desired, mean = self.autoscaler.evaluate(
+            self.now(), self.replicas, (p.pod for p in self.pods),
+            lambda pod: cpu[pod.index], self.cfg.backend.cpu_request_millicores,
+        )
         if desired != self.replicas:
-            mean = sum(utilization) / len(utilization) if utilization else 0.0
             self.record("hpa_desired", replicas=desired, previous=self.replicas,
                         utilization=round(mean, 1))
             self.replicas = desired
