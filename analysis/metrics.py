@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from kpbench.config import sweep_value_label
+
 BALANCED_MAX_MEAN = 1.25
 END_FRACTION = 0.10
 SUMMARY_METRICS = (
@@ -113,7 +115,8 @@ def cell_metrics(
         cell_id = cell["cell_id"]
         row: dict[str, Any] = {
             "cell_id": cell_id, "mode": cell["mode"], "seed": cell["seed"],
-            **cell.get("params", {}), "status": cell["status"],
+            **{k: sweep_value_label(v) for k, v in cell.get("params", {}).items()},
+            "status": cell["status"],
         }
         if cell["status"] != "COMPLETED":
             rows.append(row)

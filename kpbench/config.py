@@ -523,6 +523,14 @@ class Cell:
     config: Experiment
 
 
+def sweep_value_label(value: Any) -> Any:
+    """A sweep value as a table column holds it: scalars as they are, mappings and lists as
+    one-line YAML (`{distribution: pareto, mean_seconds: 60, alpha: 1.5}`)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
 def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", str(value)).strip("_") or "x"
 

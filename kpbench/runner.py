@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kpbench.backends import Backend, CellResult, Unsupported
-from kpbench.config import ROOT_SEED, Cell, Experiment, expand_cells
+from kpbench.config import ROOT_SEED, Cell, Experiment, expand_cells, sweep_value_label
 from kpbench.results import (
     CONNECTION_COLUMNS,
     EVENT_COLUMNS,
@@ -63,7 +63,8 @@ def _stamp(frame: pd.DataFrame, run_id: str, cell: Cell, with_mode: bool) -> pd.
     frame = frame.copy()
     front: dict[str, Any] = {"run_id": run_id, "cell_id": cell.cell_id}
     if with_mode:
-        front |= {"mode": cell.mode, "seed": cell.seed, **cell.params}
+        labels = {key: sweep_value_label(value) for key, value in cell.params.items()}
+        front |= {"mode": cell.mode, "seed": cell.seed, **labels}
     for position, (key, value) in enumerate(front.items()):
         frame.insert(position, key, value)
     return frame
