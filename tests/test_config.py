@@ -115,3 +115,16 @@ def test_schema_is_json_schema() -> None:
     json.dumps(schema)
     assert schema["additionalProperties"] is False
     assert {"workload", "backend", "events"} <= set(schema["properties"])
+
+
+def test_sweeps_over_mappings_get_one_line_labels(tmp_path: Path) -> None:
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\nmodes: [ipvs-rr]\nseeds: 1\nsweep:\n  workload.lifetime:\n"
+                    "    - {distribution: pareto, mean_seconds: 60, alpha: 1.5}\n"
+                    "    - {distribution: fixed, mean_seconds: 60}\n")
+    cells = expand_cells(load(path))
+    assert [c.config.workload.lifetime.distribution for c in cells] == ["pareto", "fixed"]
+    labels = [config.sweep_value_label(c.params["workload.lifetime"]) for c in cells]
+    assert labels == ["{distribution: pareto, mean_seconds: 60, alpha: 1.5}",
+                      "{distribution: fixed, mean_seconds: 60}"]
+    assert config.sweep_value_label(12) == 12
