@@ -31,7 +31,7 @@ def test_sample_documents_every_key_with_the_defaults() -> None:
     assert sample == defaults
 
 
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("**/*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiments_validate(path: Path) -> None:
     assert expand_cells(load(path))
 
