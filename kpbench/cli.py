@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,7 +93,8 @@ def print_summary(run_path: Path, console: Console) -> None:
 
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     experiments = [load(path, args.overrides, args.seeds) for path in args.configs]
-    backend, note = resolve(args.backend)
+    backend, note = resolve(args.backend, keep_cluster=args.keep_cluster,
+                            kubeconfig=args.kubeconfig, runs_dir=args.out)
     for experiment in experiments:
         backend.preflight(experiment)
     if note:
@@ -172,7 +174,9 @@ def cmd_figures(out: Console) -> int:
 
 
 def cmd_clean(err: Console) -> int:
-    """Remove every lab namespace (with its links, rules and processes) this suite left."""
+    """Remove every lab namespace (with its links, rules and processes) this suite left, and
+    every kind cluster named `kpbench-*` when kind and a container engine are usable."""
+    from kpbench.backends import docker_and_kind
     from kpbench.lab.netns import clean_all
 
     try:
@@ -181,6 +185,19 @@ def cmd_clean(err: Console) -> int:
         removed = []  # no iproute2: there cannot be lab namespaces
     err.print(f"clean: removed {len(removed)} lab namespaces" + (
         f" ({', '.join(removed)})" if removed else ""))
+    if docker_and_kind() is None:
+        from kpbench.kube.cluster import ClusterError, KindCli
+
+        cli = KindCli("docker" if shutil.which("docker") else "podman")
+        try:
+            clusters = cli.kpbench_clusters()
+            for name in clusters:
+                cli.delete(name)
+        except ClusterError as exc:
+            err.print(f"[red]clean: kind clusters not removed:[/red] {exc}")
+            return EXIT_OK
+        err.print(f"clean: removed {len(clusters)} kind clusters" + (
+            f" ({', '.join(clusters)})" if clusters else ""))
     return EXIT_OK
 
 

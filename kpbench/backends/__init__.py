@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 from kpbench.backends.base import Backend, CellResult, PreflightError, Progress, Unsupported
 
 BACKEND_CHOICES = ("auto", "sim", "lab", "kind", "cluster")
-NOT_BUILT = {
-    "kind": "the kind backend is not built yet in this version of kpbench",
-    "cluster": "the cluster backend is not built yet in this version of kpbench",
-}
+NOT_BUILT: dict[str, str] = {}
 
 __all__ = [
     "BACKEND_CHOICES", "Backend", "CellResult", "PreflightError", "Progress", "Unsupported",
@@ -34,8 +32,19 @@ def docker_and_kind() -> str | None:
     return "no Docker or podman engine answers"
 
 
-def resolve(name: str) -> tuple[Backend, str | None]:
-    """The backend for `name`, and a note to show when `auto` chose it."""
+def resolve(
+    name: str,
+    *,
+    keep_cluster: bool = False,
+    kubeconfig: Path | None = None,
+    runs_dir: Path | None = None,
+) -> tuple[Backend, str | None]:
+    """The backend for `name`, and a note to show when `auto` chose it.
+
+    `keep_cluster` (kind: keep the clusters after the run), `kubeconfig` (cluster: the existing
+    cluster's kubeconfig) and `runs_dir` (kind: where the run folder, which keeps the clusters'
+    kubeconfigs, is created) come from `kpbench run`'s options.
+    """
     note = None
     if name == "auto":
         reason = docker_and_kind()
@@ -43,7 +52,7 @@ def resolve(name: str) -> tuple[Backend, str | None]:
             name = "kind"
             note = "backend auto -> kind (Docker and kind are usable)"
         else:
-            why = reason or NOT_BUILT["kind"]
+            why = reason or NOT_BUILT.get("kind", "")
             name = "sim"
             note = f"backend auto -> sim ({why}); sim numbers are modelled, not measured"
     if name in NOT_BUILT:
@@ -56,5 +65,13 @@ def resolve(name: str) -> tuple[Backend, str | None]:
         from kpbench.lab.backend import LabBackend
 
         return LabBackend(), note
+    if name == "kind":
+        from kpbench.kube.backend import KindBackend
+
+        return KindBackend(keep_cluster=keep_cluster, runs_dir=runs_dir), note
+    if name == "cluster":
+        from kpbench.kube.backend import ClusterBackend
+
+        return ClusterBackend(kubeconfig=kubeconfig), note
     choices = ", ".join(BACKEND_CHOICES)
     raise PreflightError(f"--backend {name}: unknown backend (choose from {choices})")
