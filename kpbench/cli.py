@@ -94,7 +94,7 @@ def print_summary(run_path: Path, console: Console) -> None:
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     experiments = [load(path, args.overrides, args.seeds) for path in args.configs]
     backend, note = resolve(args.backend, keep_cluster=args.keep_cluster,
-                            kubeconfig=args.kubeconfig, runs_dir=args.out)
+                            kubeconfig=args.kubeconfig)
     for experiment in experiments:
         backend.preflight(experiment)
     if note:

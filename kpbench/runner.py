@@ -82,6 +82,7 @@ def run_experiment(
         runs_dir, experiment.name, backend.name, experiment.model_dump(mode="json"),
         [_cell_entry(c) for c in cells], versions, ROOT_SEED,
     )
+    backend.attach(folder.path)
     samples: list[pd.DataFrame] = []
     events: list[pd.DataFrame] = []
     connections: list[pd.DataFrame] = []

@@ -53,7 +53,8 @@ def test_quickstart_completes_with_15_cells(tmp_path: Path) -> None:
         (["--set", "events=[{at: 999, action: rollout}]"], "events[0].at"),
         (["--set", "novalue"], "--set novalue"),
         (["--seeds", "0"], "--seeds"),
-        (["--backend", "lab"], "--backend lab"),
+        (["--backend", "kind"], "--backend kind"),
+        (["--backend", "cluster"], "--backend cluster"),
         (["--backend", "nope"], "--backend"),
     ],
 )

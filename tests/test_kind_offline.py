@@ -511,7 +511,8 @@ def test_kind_cli_command_lines(tmp_path: Path) -> None:
 def test_kind_backend_deletes_clusters_at_close(tmp_path: Path, interrupted: bool,
                                                 expected: list[str]) -> None:
     runner = RecordingRunner()
-    backend = KindBackend(runs_dir=tmp_path)
+    backend = KindBackend()
+    backend.attach(tmp_path)
     backend.cli = KindCli("docker", runner)
     backend.created = ["a"]
     backend.used = {"a": tmp_path / "a", "b": tmp_path / "b"}  # b was reused from a kept run
@@ -519,7 +520,8 @@ def test_kind_backend_deletes_clusters_at_close(tmp_path: Path, interrupted: boo
     backend.close()
     deleted = [c[c.index("--name") + 1] for c in runner.commands if c[:2] == ["kind", "delete"]]
     assert deleted == expected
-    kept = KindBackend(keep_cluster=True, runs_dir=tmp_path)
+    kept = KindBackend(keep_cluster=True)
+    kept.attach(tmp_path)
     kept.cli = KindCli("docker", runner)
     kept.created = ["c"]
     kept.close()

@@ -37,13 +37,11 @@ def resolve(
     *,
     keep_cluster: bool = False,
     kubeconfig: Path | None = None,
-    runs_dir: Path | None = None,
 ) -> tuple[Backend, str | None]:
     """The backend for `name`, and a note to show when `auto` chose it.
 
     `keep_cluster` (kind: keep the clusters after the run), `kubeconfig` (cluster: the existing
-    cluster's kubeconfig) and `runs_dir` (kind: where the run folder, which keeps the clusters'
-    kubeconfigs, is created) come from `kpbench run`'s options.
+    cluster's kubeconfig) come from `kpbench run`'s options.
     """
     note = None
     if name == "auto":
@@ -68,7 +66,7 @@ def resolve(
     if name == "kind":
         from kpbench.kube.backend import KindBackend
 
-        return KindBackend(keep_cluster=keep_cluster, runs_dir=runs_dir), note
+        return KindBackend(keep_cluster=keep_cluster), note
     if name == "cluster":
         from kpbench.kube.backend import ClusterBackend
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
@@ -38,6 +39,8 @@ class Backend(Protocol):
     measured: bool  # False for a model: its numbers are never presented as measurements
 
     def preflight(self, experiment: Experiment) -> None: ...
+    def attach(self, run_dir: Path) -> None:
+        """Called once the run folder exists (kind keeps its clusters' kubeconfigs there)."""
     def unsupported_reason(self, mode: str) -> str | None: ...
     def versions(self) -> dict[str, Any]: ...
     def run_cell(self, cell: Cell, progress: Progress) -> CellResult: ...

@@ -25,6 +25,7 @@ import random
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,9 @@ class SimBackend:
     measured = False
 
     def preflight(self, experiment: Experiment) -> None:
+        return None
+
+    def attach(self, run_dir: Path) -> None:
         return None
 
     def unsupported_reason(self, mode: str) -> str | None:

@@ -24,11 +24,9 @@ given is generated and tested offline.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +53,6 @@ def workload_problems(experiment: Experiment) -> list[str]:
                 "(through the Locust master), not `requests_per_second`: the workload's rate "
                 "per connection is fixed at start")
     return problems
-
-
-def locate_run_folder(runs_dir: Path, experiment: str, since: float) -> Path | None:
-    """The results folder the runner created for this run (status RUNNING, newest, after
-    `since`), where the kubeconfigs are kept."""
-    candidates = []
-    for manifest in (runs_dir / experiment).glob("*/run.json"):
-        try:
-            content = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
-        if content.get("status") == "RUNNING" and manifest.stat().st_mtime >= since - 1:
-            candidates.append((manifest.stat().st_mtime, manifest.parent))
-    return max(candidates)[1] if candidates else None
 
 
 def read_proxy_settings(api: KubeApi) -> dict[str, str]:
@@ -104,9 +88,13 @@ class _KubeBackendBase:
     measured = True
 
     def __init__(self) -> None:
+        self.run_dir: Path | None = None
         self.run_token = secrets.token_hex(3)
         self.cell_number = 0
         self.versions_found: dict[str, Any] = {}
+
+    def attach(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
 
     def namespace_for(self, cell: Cell) -> str:
         self.cell_number += 1
@@ -125,15 +113,13 @@ class _KubeBackendBase:
 class KindBackend(_KubeBackendBase):
     name = "kind"
 
-    def __init__(self, keep_cluster: bool = False, runs_dir: Path | None = None,
+    def __init__(self, keep_cluster: bool = False,
                  host: Host | None = None) -> None:
         super().__init__()
         self.keep_cluster = keep_cluster
-        self.runs_dir = runs_dir or Path("results") / "runs"
         self.host = host or Host()
         self.cli: KindCli | None = None
         self.experiment_name = ""
-        self.preflight_at = time.time()
         self.created: list[str] = []
         self.used: dict[str, Path] = {}  # cluster -> kubeconfig
         self.cluster_info: dict[str, dict[str, Any]] = {}
@@ -150,7 +136,6 @@ class KindBackend(_KubeBackendBase):
         engine = versions.get("container_engine", "docker").split()[0]
         self.cli = KindCli(engine)
         self.experiment_name = experiment.name
-        self.preflight_at = time.time()
 
     def unsupported_reason(self, mode: str) -> str | None:
         return None  # every mode's requirements were checked in preflight
@@ -163,10 +148,9 @@ class KindBackend(_KubeBackendBase):
         return manifests.image_tag()
 
     def workdir(self) -> Path:
-        """`<run folder>/kind/` when the run folder can be found, else a private temp dir."""
-        folder = locate_run_folder(self.runs_dir, self.experiment_name, self.preflight_at)
-        if folder is not None:
-            target = folder / "kind"
+        """`<run folder>/kind/` once the runner attached the run folder, else a private temp dir."""
+        if self.run_dir is not None:
+            target = self.run_dir / "kind"
         else:
             if self.scratch is None:
                 self.scratch = Path(tempfile.mkdtemp(prefix="kpbench-kind-"))

@@ -90,6 +90,9 @@ class LabBackend:
         if experiment.workload.proxy != "none":
             raise PreflightError("--backend lab: workload.proxy l7 is not supported by the lab yet")
 
+    def attach(self, run_dir: Path) -> None:
+        return None
+
     def unsupported_reason(self, mode: str) -> str | None:
         if mode.startswith("ipvs-"):
             return _unsupported_ipvs()

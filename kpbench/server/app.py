@@ -304,9 +304,8 @@ class BackendServer:
         self.workload_site = web.TCPSite(runner, settings.host, settings.port,
                                          reuse_address=True)
         await self.workload_site.start()
-        server = self.workload_site._server  # the asyncio server, to learn a port-0 binding
-        if server is not None and server.sockets:
-            self.http_port = server.sockets[0].getsockname()[1]
+        if runner.addresses:  # learn a port-0 binding
+            self.http_port = runner.addresses[0][1]
         if settings.admin_port is not None:
             admin_runner = web.ServerRunner(self.admin_server, handle_signals=False)
             await admin_runner.setup()
@@ -314,9 +313,8 @@ class BackendServer:
             admin_site = web.TCPSite(admin_runner, settings.host, settings.admin_port,
                                      reuse_address=True)
             await admin_site.start()
-            admin = admin_site._server
-            if admin is not None and admin.sockets:
-                self.bound_admin_port = admin.sockets[0].getsockname()[1]
+            if admin_runner.addresses:
+                self.bound_admin_port = admin_runner.addresses[0][1]
         if settings.grpc_port is not None:
             await self.start_grpc()
         self.ready.set(1)
