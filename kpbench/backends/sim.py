@@ -10,7 +10,8 @@ connection through its node's data plane; if the data plane refuses it, or the c
 longer accepts (a stale view), the attempt counts as failed and is retried at the next paced
 request (1 / requests_per_second later). A connection ends at the first of: its lifetime, the
 reconnect policy, the server's max connection age, or its pod shutting down (the server closes
-keep-alive connections on SIGTERM; the client notices at its next request). Requests are not
+keep-alive connections on SIGTERM, announcing it on the client's next response, and the client
+reconnects for the request after that). Requests are not
 simulated one by one: a request clock advances at the per-connection rate and each connection's
 count is the clock's advance while it was open. Behind the L7 proxy, the proxies hold one
 upstream connection per backend pod and spread requests evenly over the pods in their view.
@@ -243,8 +244,8 @@ class Simulation:
                     connections=self.active[index])
         for user in sorted(self.users_on[index]):
             self.close_connection(user, reason)
-            self.at(self.now + self.rng_workload.random() / self.rps, OPEN, user,
-                    self.user_gen[user])
+            delay = self.reset_delay() if killed else self.announced_close_delay()
+            self.at(self.now + delay, OPEN, user, self.user_gen[user])
         if killed:
             self.pod_deleted(index)
         else:
@@ -432,9 +433,19 @@ class Simulation:
         if gen != self.user_gen[user] or self.user_pod[user] == -1:
             return
         self.close_connection(user, CLOSE_REASONS[reason])
-        # A client-side close reconnects at once; a server-side one at the next request.
-        delay = self.rng_workload.random() / self.rps if reason == _REASON["max-age"] else 0.0
+        # A client-side close reconnects at once; a server-side one as announced_close_delay.
+        delay = self.announced_close_delay() if reason == _REASON["max-age"] else 0.0
         self.at(self.now + delay, OPEN, user, self.user_gen[user])
+
+    def announced_close_delay(self) -> float:
+        """A server close (shutdown drain, max age) is announced on the client's next response
+        (`Connection: close`, within one request interval); the client opens its new connection
+        for the request after that, one interval later. Calibrated against the lab."""
+        return (1.0 + self.rng_workload.random()) / self.rps
+
+    def reset_delay(self) -> float:
+        """A killed pod's connections fail at the client's next request, which reconnects."""
+        return self.rng_workload.random() / self.rps
 
     # -- timeline ------------------------------------------------------------------------------
 
