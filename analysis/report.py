@@ -257,10 +257,10 @@ def _run_facts(data: RunData) -> dict[str, Any]:
         statuses[cell["status"]] = statuses.get(cell["status"], 0) + 1
     dataplanes = []
     for mode in data.modes():
-        notes = {_dataplane_text(c.get("dataplane")) for c in data.run.cells
-                 if c["mode"] == mode and c.get("dataplane")}
-        if notes:
-            dataplanes.append((mode, "; ".join(sorted(notes))))
+        found = [c["dataplane"] for c in data.run.cells
+                 if c["mode"] == mode and isinstance(c.get("dataplane"), dict)]
+        if found:
+            dataplanes.append((mode, _dataplane_text(found)))
     git = manifest.get("git") or {}
     commit = git.get("commit") or "unknown"
     if git.get("dirty"):
@@ -296,16 +296,23 @@ def _run_facts(data: RunData) -> dict[str, Any]:
     }
 
 
-def _dataplane_text(dataplane: Any) -> str:
-    if not isinstance(dataplane, dict):
-        return str(dataplane)
-    verified = dataplane.get("verified")
-    note = dataplane.get("note")
-    rest = ", ".join(f"{k}={v}" for k, v in dataplane.items() if k not in {"note", "verified"})
-    text = note or rest
-    if verified is not None:
-        text += " (verified)" if verified else " (not verified)"
-    return text
+_DATAPLANE_SKIPPED = frozenset({"note", "verified", "source", "workload", "sample_lateness_ms",
+                                 "setup_seconds"})
+
+
+def _dataplane_text(dataplanes: Sequence[dict[str, Any]]) -> str:
+    """One line per mode: how many cells' data planes were verified, how, and an example."""
+    first = dataplanes[0]
+    verified = sum(1 for d in dataplanes if d.get("verified"))
+    text = str(first.get("note") or first.get("source") or "")
+    facts = [f"{k}={v}" for k, v in first.items()
+             if k not in _DATAPLANE_SKIPPED and isinstance(v, str | int | float | bool)]
+    if facts:
+        text += f" ({', '.join(facts[:6])})"
+    examples = next((v for k, v in first.items() if k.startswith("example_rules") and v), None)
+    if examples:
+        text += f"; e.g. `{examples[0]}`"
+    return f"{verified} of {len(dataplanes)} cells verified; {text}"
 
 
 def _incomplete(runs: Sequence[RunData]) -> list[dict[str, Any]]:
