@@ -140,3 +140,21 @@ def test_rerunning_a_published_sim_run_reproduces_its_metrics(
     expected = _metrics(committed, cell_ids)
     actual = _metrics(rerun, cell_ids)
     pd.testing.assert_frame_equal(actual, expected, check_exact=True)
+
+
+def test_rerunning_a_published_rollout_reproduces_its_metrics(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run with churn (a rollout: server-announced closes, reconnects, refusals) as well."""
+    committed = sim_run("rolling-update")
+    config = json.loads((committed / "run.json").read_text())["config"]
+    config_file = tmp_path / "rerun.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    code = main(["run", str(config_file), "--backend", "sim", "--no-report",
+                 "--out", str(tmp_path / "runs"), "--set", "modes=[iptables, ipvs-sh]",
+                 "--set", "seeds=[1, 2]"])
+    assert code == 0
+    rerun = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    cell_ids = {c["cell_id"] for c in json.loads((rerun / "run.json").read_text())["cells"]}
+    assert cell_ids == {"iptables-s1", "iptables-s2", "ipvs-sh-s1", "ipvs-sh-s2"}
+    pd.testing.assert_frame_equal(_metrics(rerun, cell_ids), _metrics(committed, cell_ids),
+                                  check_exact=True)
