@@ -3,7 +3,8 @@
 Each simulator case runs in a fresh subprocess so that its peak memory is its own:
   quickstart  every cell of experiments/quickstart.yaml (15 cells), sim
   sim-large   experiments/sim-large.yaml, one process per mode, sim
-Connection events = connections opened + closed + failed connection attempts.
+Connection events = connections opened + closed + failed connection attempts. Wall time and peak
+memory are the run's (`kpbench run --no-report`); "report s" is rendering its report afterwards.
 Lab (root only): setup and teardown of a 12-pod cell, the most long-lived connections the lab
 holds at 1 request/s with under 1% failed connects, and the lateness of the sample clock.
 Workload: connections one Locust worker process holds, server CPU per 1,000 requests.
@@ -53,6 +54,12 @@ def measure(config: Path, overrides: list[str]) -> dict[str, Any]:
         closed = int(connections["closed_at"].notna().sum())
         failed = int(failed_counts(run.events).sum())
         size = sum(p.stat().st_size for p in outcome.folder.path.iterdir() if p.is_file())
+        del run
+        from analysis.report import build_report
+
+        report_started = time.perf_counter()
+        build_report([outcome.folder.path])
+        report_seconds = time.perf_counter() - report_started
     events = opened + closed + failed
     return {
         "status": outcome.status,
@@ -61,6 +68,7 @@ def measure(config: Path, overrides: list[str]) -> dict[str, Any]:
         "connection_events": events,
         "events_per_second": events / wall,
         "results_mib": size / 2**20,
+        "report_seconds": report_seconds,
     }
 
 
@@ -75,12 +83,13 @@ def run_sim_cases(console: Console) -> list[dict[str, Any]]:
         )
         rows.append({"case": label, **json.loads(done.stdout.strip().splitlines()[-1])})
     table = Table(title="simulator (backend sim; modelled connections, real wall time)")
-    for column in ("case", "wall s", "peak MiB", "connection events", "events/s", "results MiB"):
+    for column in ("case", "wall s", "peak MiB", "connection events", "events/s", "results MiB",
+                   "report s"):
         table.add_column(column, justify="left" if column == "case" else "right")
     for row in rows:
         table.add_row(row["case"], f"{row['wall_seconds']:.1f}", f"{row['peak_rss_mib']:.0f}",
                       f"{row['connection_events']:,}", f"{row['events_per_second']:,.0f}",
-                      f"{row['results_mib']:.1f}")
+                      f"{row['results_mib']:.1f}", f"{row['report_seconds']:.1f}")
     console.print(table)
     return rows
 
