@@ -55,6 +55,7 @@ def measure(config: Path, overrides: list[str]) -> dict[str, Any]:
         failed = int(failed_counts(run.events).sum())
         size = sum(p.stat().st_size for p in outcome.folder.path.iterdir() if p.is_file())
         del run
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         from analysis.report import build_report
 
         report_started = time.perf_counter()
@@ -64,7 +65,7 @@ def measure(config: Path, overrides: list[str]) -> dict[str, Any]:
     return {
         "status": outcome.status,
         "wall_seconds": wall,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib,
         "connection_events": events,
         "events_per_second": events / wall,
         "results_mib": size / 2**20,
