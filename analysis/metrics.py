@@ -68,7 +68,8 @@ def failed_counts(events: pd.DataFrame) -> pd.Series:
         except (ValueError, AttributeError):
             return 1
 
-    return failed["detail"].map(count).groupby(failed["cell_id"], observed=True).sum()
+    counts = failed["detail"].map(count).astype("int64")
+    return counts.groupby(failed["cell_id"], observed=True).sum()
 
 
 def ready_times(samples: pd.DataFrame, events: pd.DataFrame) -> pd.Series:

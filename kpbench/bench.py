@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure(args.one, args.overrides)))
         return 0
-    console = Console()
+    console = Console(width=140)
     if args.only in (None, "sim"):
         run_sim_cases(console)
     if args.only in (None, "lab"):
