@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from kpbench.lab.netns import suite_namespaces
+from kpbench.lab.netns import namespace_pids, run_owner, suite_namespaces
 from kpbench.results import load_run
 
 from .conftest import REPOSITORY
@@ -35,12 +35,26 @@ def suite_processes() -> list[str]:
     return [line for line in done.stdout.splitlines() if "pgrep" not in line]
 
 
+def leftovers() -> tuple[set[str], set[str]]:
+    """Suite namespaces and processes not owned by a live run (another run may be going on)."""
+    live = [n for n in suite_namespaces() if run_owner(n) is not None]
+    orphaned = set(suite_namespaces()) - set(live)
+    live_pids = {str(pid) for n in live for pid in namespace_pids(n)}
+    stray = {line for line in suite_processes() if line.split()[0] not in live_pids}
+    return orphaned, stray
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind() -> object:
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    namespaces_before, processes_before = leftovers()
     yield
-    assert suite_namespaces() == []
-    assert suite_processes() == []
+    deadline = time.monotonic() + 10
+    while leftovers()[1] - processes_before and time.monotonic() < deadline:
+        time.sleep(0.2)  # processes of a removed namespace may take a moment to exit
+    namespaces_after, processes_after = leftovers()
+    assert namespaces_after <= namespaces_before
+    assert processes_after <= processes_before
     links_after = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert len(links_after.splitlines()) == len(links_before.splitlines())
 
@@ -125,6 +139,20 @@ events:
     assert {"locust_stats.csv", "summary.json"} <= locust_files
 
 
+def workload_running_in_run_of(owner: int) -> bool:
+    for namespace in suite_namespaces():
+        if run_owner(namespace) != owner:
+            continue
+        for pid in namespace_pids(namespace):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"kpbench.workload" in command or b"locust" in command:
+                return True
+    return False
+
+
 def start_slow_run(tmp_path: Path) -> subprocess.Popen[str]:
     config = write_config(tmp_path, """
 name: lab-slow
@@ -142,7 +170,7 @@ workload: {clients: 1, connections: 10, ramp_seconds: 1}
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        if any("kpbench.workload" in line for line in suite_processes()):
+        if workload_running_in_run_of(process.pid):
             time.sleep(2)
             return process
         time.sleep(0.2)
@@ -152,7 +180,7 @@ workload: {clients: 1, connections: 10, ramp_seconds: 1}
 
 def test_interrupted_run_leaves_nothing_and_says_interrupted(tmp_path: Path) -> None:
     process = start_slow_run(tmp_path)
-    assert suite_namespaces()
+    assert any(run_owner(n) == process.pid for n in suite_namespaces())
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 130
@@ -162,13 +190,16 @@ def test_interrupted_run_leaves_nothing_and_says_interrupted(tmp_path: Path) -> 
 
 def test_clean_after_a_killed_run_removes_everything(tmp_path: Path) -> None:
     process = start_slow_run(tmp_path)
+    ours = {n for n in suite_namespaces() if run_owner(n) == process.pid}
+    assert ours
     process.kill()
     process.wait()
-    assert suite_namespaces(), "a killed run leaves its namespaces for `kpbench clean`"
+    assert ours <= set(suite_namespaces()), "a killed run leaves its namespaces for `kpbench clean`"
     done = subprocess.run([sys.executable, "-m", "kpbench", "clean"], capture_output=True,
                           text=True, cwd=REPOSITORY, timeout=60)
     assert done.returncode == 0
     assert "removed" in done.stderr
+    assert not ours & set(suite_namespaces())
     deadline = time.monotonic() + 10
     while suite_processes() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREFIX = "kpb-"
 NAME = re.compile(r"^kpb-[0-9a-f]{6}-")
@@ -33,6 +34,7 @@ CONTROL_IP = f"{NODE_NET}.250"
 CLUSTER_IP = "198.19.0.10"
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
+OWNERS_DIR = Path("/run/kpbench-lab")  # <tag> -> pid of the kpbench process that owns the run
 
 
 class LabError(RuntimeError):
@@ -90,6 +92,8 @@ class Topology:
         run("ip", "netns", "exec", namespace, "sysctl", "-qw", *settings)
 
     def create(self) -> None:
+        OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+        (OWNERS_DIR / self.tag).write_text(f"{os.getpid()}\n")
         self._next_host = [2] * self.nodes
         self._add_namespace(self.bridge_ns)
         run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
@@ -148,6 +152,7 @@ class Topology:
         for namespace in reversed(list(self.namespaces)):
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         self.namespaces.clear()
+        (OWNERS_DIR / self.tag).unlink(missing_ok=True)
 
 
 def namespace_pids(namespace: str) -> list[int]:
@@ -191,14 +196,27 @@ def suite_namespaces() -> list[str]:
     return [n for n in names if NAME.match(n)]
 
 
+def run_owner(namespace: str) -> int | None:
+    """The live kpbench process that owns `namespace`'s run, if any."""
+    try:
+        pid = int((OWNERS_DIR / namespace[len(PREFIX):len(PREFIX) + 6]).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
 def clean_all() -> list[str]:
-    """`kpbench clean`: remove every namespace (and so every link, rule, process) of the suite."""
+    """`kpbench clean`: remove every namespace (and so every link, rule, process) that the suite
+    left behind; the namespaces of runs whose kpbench process is still alive are kept."""
     removed = []
-    namespaces = suite_namespaces()
+    namespaces = [n for n in suite_namespaces() if run_owner(n) is None]
     kill_processes([p for n in namespaces for p in namespace_pids(n)], grace_seconds=1.0)
     for namespace in namespaces:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         removed.append(namespace)
+    for owner in OWNERS_DIR.glob("*") if OWNERS_DIR.is_dir() else []:
+        if not any(n.startswith(f"{PREFIX}{owner.name}-") for n in suite_namespaces()):
+            owner.unlink(missing_ok=True)
     return removed
 
 
