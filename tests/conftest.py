@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from .loopback import Processes
+from .loopback import REPOSITORY, Processes
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPOSITORY / "experiments"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
@@ -46,8 +46,8 @@ class Processes:
     running: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def spawn(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
-        env = {**os.environ, "PYTHONPATH": str(REPO), **kwargs.pop("env", {})}
-        process = subprocess.Popen([PYTHON, *args], cwd=REPO, env=env, text=True,
+        env = {**os.environ, "PYTHONPATH": str(REPOSITORY), **kwargs.pop("env", {})}
+        process = subprocess.Popen([PYTHON, *args], cwd=REPOSITORY, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         self.running.append(process)
         return process

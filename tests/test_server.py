@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from .loopback import PYTHON, REPO, Processes, scrape, start_server
+from .loopback import PYTHON, REPOSITORY, Processes, scrape, start_server
 
 GRPC_METHOD = "/kpbench.Echo/Hello"
 
@@ -125,8 +125,8 @@ def test_cpu_per_request_is_real_cpu(processes: Processes) -> None:
 ])
 def test_bad_settings_give_one_line(args: list[str], env: dict[str, str], expected: str) -> None:
     done = subprocess.run(
-        [PYTHON, "-m", "kpbench.server", "--pod-name", "p", *args], cwd=REPO,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **env},
+        [PYTHON, "-m", "kpbench.server", "--pod-name", "p", *args], cwd=REPOSITORY,
+        env={"PYTHONPATH": str(REPOSITORY), "PATH": "/usr/bin:/bin", **env},
         capture_output=True, text=True, timeout=30,
     )
     assert done.returncode == 2

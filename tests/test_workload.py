@@ -19,7 +19,7 @@ from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies
 
 from .loopback import (
     PYTHON,
-    REPO,
+    REPOSITORY,
     Processes,
     Started,
     scrape,
@@ -111,7 +111,7 @@ def test_bad_workload_setting_is_one_line(tmp_path: Path, override: str, expecte
     done = subprocess.run(
         [PYTHON, "-m", "kpbench.workload", "--config", str(config), "--host",
          "http://127.0.0.1:9", "--set", override],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

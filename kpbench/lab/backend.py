@@ -261,15 +261,14 @@ class LabCell:
     def readyz(self, pod: LabPod) -> bool:
         return self.fetch(f"http://{pod.ip}:{ADMIN_PORT}/readyz") is not None
 
-    def fetch(self, url: str, timeout: float = 1.0) -> str | None:
-        def get() -> str | None:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    return str(response.read().decode())
-            except (urllib.error.URLError, OSError, ValueError):
-                return None
+    def fetch(self, url: str) -> str | None:
+        """GET from inside the lab (a pool thread in the control namespace); None on failure."""
+        return self.scraper.submit(self._get, url).result()
 
-        return self.scraper.submit(get).result()
+    def scrape_all(self, pods: list[LabPod]) -> list[str | None]:
+        """Every pod's /metrics, concurrently, from inside the lab."""
+        urls = [f"http://{p.ip}:{ADMIN_PORT}/metrics" for p in pods]
+        return list(self.scraper.map(self._get, urls))
 
     def check_ready(self, index: int) -> None:
         pod = self.pods[index]
@@ -418,9 +417,7 @@ class LabCell:
                 logs = sorted(self.workdir.glob("locust-*.log"))
                 tail = logs[0].read_text()[-400:] if logs else ""
                 raise RuntimeError(f"Locust exited before the run started: {tail}")
-            texts = self.scraper.map(
-                lambda p: self._get(f"http://{p.ip}:{ADMIN_PORT}/metrics"), pods
-            )
+            texts = self.scrape_all(pods)
             if any(parse_metrics(t).connections > 0 for t in texts if t):
                 return
             time.sleep(0.05)
@@ -456,9 +453,7 @@ class LabCell:
         now = self.now()
         self.sample_lateness.append(now - planned)
         alive = [p for p in self.pods if not p.exited]
-        texts = list(self.scraper.map(
-            lambda p: self._get(f"http://{p.ip}:{ADMIN_PORT}/metrics"), alive
-        ))
+        texts = self.scrape_all(alive)
         unanswered = [p.pod.name for p, text in zip(alive, texts, strict=True) if text is None]
         if unanswered:  # no row rather than an invented one; the gap is recorded
             self.record("scrape_failed", None, pods=unanswered, sample=planned)
@@ -481,9 +476,9 @@ class LabCell:
         self.read_conntrack(planned)
 
     @staticmethod
-    def _get(url: str) -> str | None:
+    def _get(url: str, timeout: float = 2.0) -> str | None:
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as response:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 return str(response.read().decode())
         except (urllib.error.URLError, OSError, ValueError):
             return None
