@@ -29,12 +29,12 @@ from kpbench.kube.verify import (
     check_node,
     iptables_service_chains,
     kube_proxy_settings,
-    parse_ip_vs,
 )
 from kpbench.results import SAMPLE_COLUMNS
 
 from .conftest import EXPERIMENTS, REPOSITORY
 from .kind_double import FakeClock, FakeNodes, InMemoryKubeDouble
+from .test_ipvs import IP_VS
 
 SCHEMA_VERSION = manifests.KUBERNETES_VERSION  # the pinned node image's Kubernetes
 
@@ -323,24 +323,6 @@ def test_kpbench_run_on_kind_without_docker_exits_2_with_one_line(tmp_path: Path
 # -- data-plane parsing ----------------------------------------------------------------------
 
 
-IP_VS = """IP Virtual Server version 1.2.1 (size=4096)
-Prot LocalAddress:Port Scheduler Flags
-  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
-TCP  0A600001:01BB rr
-  -> AC120002:192B      Masq    1      0          0
-TCP  0A600050:0050 lc
-  -> 0AF40102:1F90      Masq    1      7          2
-  -> 0AF40203:1F90      Masq    0      3          0
-"""
-
-
-def test_parse_ip_vs_reads_schedulers_and_counts() -> None:
-    services = parse_ip_vs(IP_VS)
-    assert [(s.address, s.scheduler) for s in services] == [("10.96.0.1:443", "rr"),
-                                                           ("10.96.0.80:80", "lc")]
-    second = services[1].real_servers
-    assert [(r.address, r.weight, r.active, r.inactive) for r in second] == [
-        ("10.244.1.2:8080", 1, 7, 2), ("10.244.2.3:8080", 0, 3, 0)]
 
 
 def test_check_node_accepts_the_right_mode_and_rejects_a_mismatch() -> None:

@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from scipy import stats
 
+from kpbench.lab.backend import ipvs_unavailable
 from kpbench.lab.netns import namespace_pids, run_owner, suite_namespaces
 from kpbench.results import load_run
 
@@ -213,3 +215,74 @@ def test_ipvs_cells_are_unsupported_on_a_kernel_without_ipvs(tmp_path: Path) -> 
     run = load_run(run_lab(config, tmp_path))
     assert {c["status"] for c in run.cells} == {"UNSUPPORTED"}
     assert all("no IPVS" in c["error"] for c in run.cells)
+
+
+ipvs_missing = ipvs_unavailable()
+needs_ipvs = pytest.mark.skipif(ipvs_missing is not None,
+                                reason=f"lab IPVS modes: {ipvs_missing}")
+
+
+@needs_ipvs
+@pytest.mark.parametrize("mode", ["ipvs-rr", "ipvs-lc", "ipvs-sh"])
+def test_ipvs_modes_spread_as_their_scheduler_does(tmp_path: Path, mode: str) -> None:
+    nodes, pods, clients, connections = 2, 6, 4, 120
+    config = write_config(tmp_path, f"""
+name: lab-ipvs
+modes: [{mode}]
+seeds: 1
+duration_seconds: 10
+sample_seconds: 1.0
+cluster: {{nodes: {nodes}}}
+backend: {{replicas: {pods}, cpu_per_request_millicores: 0}}
+workload: {{clients: {clients}, connections: {connections}, ramp_seconds: 3}}
+""")
+    run = load_run(run_lab(config, tmp_path))
+    (cell,) = run.cells
+    assert cell["status"] == "COMPLETED" and cell["dataplane"]["verified"], cell
+    last = run.samples[run.samples["t"] == run.samples["t"].max()]
+    server_counts = last.set_index("pod")["active_connections"].sort_index()
+    held = cell["dataplane"]["workload"]["connections"]["open_at_stop_by_pod"]
+    assert server_counts.to_dict() == {pod: held.get(pod, 0) for pod in server_counts.index}
+    assert server_counts.sum() == connections
+    open_flows = run.connections[run.connections["close_reason"] == "end"]
+    assert len(open_flows) == connections
+    by_node_pod = open_flows.groupby(["node", "pod"]).size()
+    if mode in ("ipvs-rr", "ipvs-lc"):
+        # no connection closes: each node's cursor / least-connection choice keeps its own
+        # destinations within one of each other
+        for node, counts in by_node_pod.groupby(level="node"):
+            full = counts.reindex([(node, p) for p in server_counts.index], fill_value=0)
+            assert full.max() - full.min() <= 1, full.to_dict()
+    else:
+        # sh without sh-port: every connection of a client pod lands on one backend
+        assert (open_flows.groupby("client")["pod"].nunique() == 1).all()
+    ipvs_csv = run.path / "locust" / f"{mode}-s1" / "ipvs.csv"
+    assert ipvs_csv.exists()
+
+
+@needs_ipvs
+@pytest.mark.slow
+def test_ipvs_rollout_quiesces_and_then_deletes_old_real_servers(tmp_path: Path) -> None:
+    config = write_config(tmp_path, """
+name: lab-ipvs-rollout
+modes: [ipvs-rr]
+seeds: 1
+duration_seconds: 75
+sample_seconds: 1.0
+cluster: {nodes: 2}
+backend: {replicas: 3, startup_seconds: 2, rollout: {max_surge: 1, max_unavailable: 0}}
+workload: {clients: 2, connections: 30, ramp_seconds: 2}
+events:
+  - {at: 4, action: rollout}
+""")
+    run = load_run(run_lab(config, tmp_path))
+    (cell,) = run.cells
+    assert cell["status"] == "COMPLETED", cell
+    rows = pd.read_csv(run.path / "locust" / "ipvs-rr-s1" / "ipvs.csv")
+    old = set(run.events[(run.events["event"] == "pod_created") & (run.events["t"] == 0)]["pod"])
+    quiesced = rows[rows["weight"] == 0]
+    assert set(quiesced["pod"]) <= old  # only terminating pods are ever quiesced
+    final = rows[rows["t"] == rows["t"].max()]
+    # after the graceful pass at 60 s, the old real servers are gone from every node
+    assert not set(final["pod"]) & old and (final["weight"] == 1).all()
+    assert final.groupby("node").size().eq(3).all()

@@ -46,11 +46,12 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from kpbench import ipvs
 from kpbench.backends.base import CellResult, Progress
 from kpbench.config import ROOT_SEED, Cell
 from kpbench.kube import manifests
 from kpbench.kube.api import KubeApi, KubeError, pod_cpu_millicores
-from kpbench.kube.verify import check_node, parse_ip_vs
+from kpbench.kube.verify import check_node
 from kpbench.lab.backend import parse_metrics
 
 SETUP_TIMEOUT_SECONDS = 600.0
@@ -63,8 +64,6 @@ RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 SLICE_SELECTOR = "kubernetes.io/service-name=backend"
 CONNECTION_COLUMNS = ["conn_id", "client", "node", "pod", "opened_at", "closed_at",
                       "close_reason", "requests"]
-IPVS_COLUMNS = ["t", "node", "service", "real_server", "pod", "weight", "active_connections",
-                "inactive_connections"]
 STOP_LOCUST = ["python", "-c", "import os, signal; os.kill(1, signal.SIGTERM)"]
 LIST_RESULTS = ["sh", "-c", "cd /results && for f in *; do [ -f \"$f\" ] || continue; "
                 "printf '%s\\n' \"$f\"; base64 \"$f\" | tr -d '\\n'; echo; done"]
@@ -405,17 +404,8 @@ class KubeCell:
         texts = list(self.pool.map(lambda n: tables.read(n, ipvs_only=True), nodes))
         by_ip = {p.ip: p.name for p in self.pods.values() if p.ip}
         for node, text in zip(nodes, texts, strict=True):
-            for service in parse_ip_vs(text.get("ip_vs", "")):
-                if service.address != self.service_address:
-                    continue
-                for server in service.real_servers:
-                    self.ipvs_rows.append({
-                        "t": round(planned, 6), "node": node, "service": service.address,
-                        "real_server": server.address,
-                        "pod": by_ip.get(server.address.rsplit(":", 1)[0], ""),
-                        "weight": server.weight, "active_connections": server.active,
-                        "inactive_connections": server.inactive,
-                    })
+            self.ipvs_rows += ipvs.service_rows(planned, node, text.get("ip_vs", ""),
+                                                self.service_address or "", by_ip)
 
     def sample_hpa(self) -> None:
         hpa = self.api.get("HorizontalPodAutoscaler", self.namespace, "backend") or {}
@@ -572,7 +562,7 @@ class KubeCell:
         artifacts = {name: content for name, content in files.items()
                      if name.endswith(".csv") or name == "summary.json"}
         if self.ipvs_rows:
-            artifacts["ipvs.csv"] = pd.DataFrame(self.ipvs_rows, columns=IPVS_COLUMNS).to_csv(
+            artifacts["ipvs.csv"] = pd.DataFrame(self.ipvs_rows, columns=ipvs.ROW_COLUMNS).to_csv(
                 index=False).encode()
         lateness = np.asarray(self.sample_lateness) if self.sample_lateness else np.zeros(1)
         dataplane = dataplane | {

@@ -14,11 +14,11 @@ Three sources, each parsed here as pure functions (tested offline on sample text
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from kpbench.ipvs import parse_ip_vs
 
 
 class DataplaneMismatch(RuntimeError):
@@ -42,48 +42,6 @@ def kpbench_mode(settings: dict[str, str]) -> str:
     if settings["mode"] == "ipvs":
         return f"ipvs-{settings['scheduler']}"
     return settings["mode"]
-
-
-def _hex_address(text: str) -> str:
-    """`0A600001:0050` -> `10.96.0.1:80` (IPv4; IPv6 is shown as given)."""
-    host, _, port = text.rpartition(":")
-    if len(host) == 8:
-        return f"{ipaddress.IPv4Address(int(host, 16))}:{int(port, 16)}"
-    return text
-
-
-@dataclass
-class RealServer:
-    address: str
-    forward: str
-    weight: int
-    active: int
-    inactive: int
-
-
-@dataclass
-class VirtualService:
-    protocol: str
-    address: str
-    scheduler: str
-    flags: str = ""
-    real_servers: list[RealServer] = field(default_factory=list)
-
-
-def parse_ip_vs(text: str) -> list[VirtualService]:
-    """`/proc/net/ip_vs` -> virtual services with their real servers."""
-    services: list[VirtualService] = []
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts or parts[0] in ("IP", "Prot") or line.startswith("  -> RemoteAddress"):
-            continue
-        if parts[0] in ("TCP", "UDP", "SCTP", "FWM") and len(parts) >= 3:
-            address = _hex_address(parts[1]) if parts[0] != "FWM" else parts[1]
-            services.append(VirtualService(parts[0], address, parts[2], " ".join(parts[3:])))
-        elif parts[0] == "->" and services and len(parts) >= 6:
-            services[-1].real_servers.append(RealServer(
-                _hex_address(parts[1]), parts[2], int(parts[3]), int(parts[4]), int(parts[5])))
-    return services
 
 
 def iptables_service_chains(text: str) -> dict[str, int]:

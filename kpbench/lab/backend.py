@@ -1,8 +1,9 @@
 """`lab`: real kernel data planes in network namespaces, real servers, real Locust (design §6.2).
 
-What is real: the kernel's iptables / nftables rules (kube-proxy's structure, rewritten
-`endpoint_sync_seconds` after each endpoint change), conntrack (existing connections keep their
-entries), TCP, the backend server processes and Locust. What is modelled: the control plane
+What is real: the kernel's iptables / nftables rules or IPVS virtual servers (kube-proxy's
+structure, rewritten `endpoint_sync_seconds` after each endpoint change; IPVS where the kernel has
+ip_vs loaded), conntrack (existing connections keep their entries), TCP, the backend server
+processes and Locust. What is modelled: the control plane
 (Deployment rollout, ReplicaSet choice, HPA) is kpbench's own `kpbench.control`, driven in real
 time, fed with each server process's measured CPU.
 
@@ -10,8 +11,14 @@ Per cell: build the topology, start the initial pods and wait until they are rea
 ready at t = 0), write the rules, start Locust (a master in the control namespace, one worker per
 client pod), then run the timeline in real time. Every `sample_seconds` each backend pod's
 `/metrics` is scraped (from a thread inside the control namespace) and each node's conntrack
-table is read for the service's established connections, which gives `connections.parquet` at
-sample resolution (`close_reason` is unknown to the kernel and left empty, except `end`).
+table is read for the service's established connections (for IPVS modes `/proc/net/ip_vs_conn`),
+which gives `connections.parquet` at sample resolution (`close_reason` is unknown to the kernel
+and left empty, except `end`).
+
+IPVS modes follow `kpbench.ipvs`: per node the ClusterIP on the dummy device `kube-ipvs0`, one
+virtual server with the mode's scheduler, real servers added, quiesced and deleted as kube-proxy's
+graceful termination does. kube-proxy's IPVS-mode iptables/ipset rules (hairpin masquerade,
+ClusterIP filtering) are not written: no lab client is a backend pod, so no packet would match.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ import pandas as pd
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpbench import control
+from kpbench import control, ipvs
 from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
 from kpbench.config import ROOT_SEED, Cell, Experiment
+from kpbench.dataplane import IPVS_GRACEFUL_CHECK_SECONDS
 from kpbench.lab import netns, rules
 from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
 
@@ -52,14 +60,16 @@ LOCUST_RUN_TIME_MARGIN_SECONDS = 600  # Locust is stopped by SIGTERM when the ce
 READY_POLL_SECONDS = 0.2
 STARTUP_TIMEOUT_SECONDS = 60.0
 TOOLS = ("ip", "iptables-restore", "iptables-save", "nft", "conntrack", "sysctl")
-SUPPORTED_MODES = ("iptables", "nftables")
 
 
-def _unsupported_ipvs() -> str:
+def ipvs_unavailable() -> str | None:
+    """Why this host cannot run the lab's IPVS modes, or None."""
     if not Path("/proc/net/ip_vs").exists():
-        return ("this kernel has no IPVS (/proc/net/ip_vs is absent; `modprobe ip_vs` would be "
-                "needed), so the lab cannot run IPVS modes here")
-    return "the lab's IPVS data plane (ipvsadm) is not implemented yet"
+        return ("this kernel has no IPVS loaded (/proc/net/ip_vs is absent); the lab does not "
+                "load kernel modules itself: `modprobe ip_vs` first where the kernel has it")
+    if shutil.which("ipvsadm") is None:
+        return "ipvsadm is not installed (apt-get install ipvsadm)"
+    return None
 
 
 class LabBackend:
@@ -73,7 +83,7 @@ class LabBackend:
         if missing:
             raise PreflightError(
                 f"--backend lab: missing {', '.join(missing)} "
-                "(apt-get install iproute2 iptables nftables conntrack procps)"
+                "(apt-get install iproute2 iptables nftables conntrack procps ipvsadm)"
             )
         routes = subprocess.run(["ip", "-4", "route", "show", "root", "198.18.0.0/15"],
                                 capture_output=True, text=True).stdout.strip()
@@ -95,7 +105,7 @@ class LabBackend:
 
     def unsupported_reason(self, mode: str) -> str | None:
         if mode.startswith("ipvs-"):
-            return _unsupported_ipvs()
+            return ipvs_unavailable()
         return None
 
     def versions(self) -> dict[str, Any]:
@@ -118,8 +128,9 @@ class LabBackend:
         }
 
     def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
-        if cell.mode not in SUPPORTED_MODES:
-            raise Unsupported(self.unsupported_reason(cell.mode) or cell.mode)
+        reason = self.unsupported_reason(cell.mode)
+        if reason is not None:
+            raise Unsupported(reason)
         return LabCell(cell).run(progress)
 
     def close(self) -> None:
@@ -185,6 +196,9 @@ class LabCell:
             SERVICE_HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT,
         )
         self.target_port = HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT
+        self.service_address = f"{CLUSTER_IP}:{self.service.port}"
+        self.scheduler = ipvs.scheduler_of(cell.mode) if cell.mode.startswith("ipvs-") else None
+        self.ipvs_rows: list[dict[str, Any]] = []
         self.surge, self.unavailable = self.cfg.backend.rollout.resolve(self.cfg.backend.replicas)
         self.replicas = self.cfg.backend.replicas
         self.revision = 1
@@ -343,7 +357,12 @@ class LabCell:
         endpoints = self.serving()
         for node in range(self.cfg.cluster.nodes):
             namespace = self.topology.node_ns(node)
-            if self.cell.mode == "iptables":
+            if self.scheduler is not None:
+                current = self.ipvs_service(namespace)
+                self.ipvsadm(namespace, ipvs.sync_commands(
+                    self.service_address, current.real_servers if current else [],
+                    [str(e) for e in endpoints]))
+            elif self.cell.mode == "iptables":
                 netns.run(*netns.ns_exec(namespace, ["iptables-restore"]),
                           input_text=rules.iptables_restore(self.service, endpoints))
             else:
@@ -351,13 +370,71 @@ class LabCell:
                           input_text=rules.nft_ruleset(self.service, endpoints))
         return {"endpoints": len(endpoints)}
 
+    # -- IPVS ----------------------------------------------------------------------------------
+
+    def prepare_ipvs(self) -> None:
+        """What kube-proxy's IPVS proxier sets up once per node: sysctls, kube-ipvs0, the service.
+
+        A kernel without the dummy link type or the scheduler's module makes the cell
+        UNSUPPORTED with the kernel's words.
+        """
+        assert self.scheduler is not None
+        for node in range(self.cfg.cluster.nodes):
+            namespace = self.topology.node_ns(node)
+            netns.run(*netns.ns_exec(namespace, ["sysctl", "-qw", *ipvs.SYSCTLS]))
+            try:
+                netns.run("ip", "-n", namespace, "link", "add", ipvs.DUMMY_DEVICE, "type",
+                          "dummy")
+            except netns.LabError as exc:
+                raise Unsupported(f"the lab's IPVS modes need the dummy link type for "
+                                  f"{ipvs.DUMMY_DEVICE}: {exc}") from exc
+            netns.run("ip", "-n", namespace, "addr", "add", f"{CLUSTER_IP}/32", "dev",
+                      ipvs.DUMMY_DEVICE)
+            try:
+                self.ipvsadm(namespace, ipvs.create_service(self.service_address, self.scheduler))
+            except netns.LabError as exc:
+                raise Unsupported(f"IPVS scheduler {self.scheduler} is not available in this "
+                                  f"kernel: {exc}") from exc
+
+    def ipvsadm(self, namespace: str, commands: list[str]) -> None:
+        if commands:
+            netns.run(*netns.ns_exec(namespace, ["ipvsadm", "--restore"]),
+                      input_text="\n".join(commands) + "\n")
+
+    def ip_vs_text(self, namespace: str, table: str = "ip_vs") -> str:
+        return netns.run(*netns.ns_exec(namespace, ["cat", f"/proc/net/{table}"]))
+
+    def ipvs_service(self, namespace: str) -> ipvs.VirtualService | None:
+        return ipvs.find_service(ipvs.parse_ip_vs(self.ip_vs_text(namespace)),
+                                 self.service_address)
+
+    def ipvs_graceful_pass(self) -> None:
+        """kube-proxy's graceful termination manager: drop quiesced servers without connections."""
+        for node in range(self.cfg.cluster.nodes):
+            namespace = self.topology.node_ns(node)
+            current = self.ipvs_service(namespace)
+            if current is not None:
+                self.ipvsadm(namespace, ipvs.graceful_deletions(self.service_address,
+                                                                current.real_servers))
+
     def read_back(self) -> dict[str, Any]:
         """Read every node's rules back from the kernel and check them against the mode."""
         n = len(self.serving())
         checked = []
         for node in range(self.cfg.cluster.nodes):
             namespace = self.topology.node_ns(node)
-            if self.cell.mode == "iptables":
+            if self.scheduler is not None:
+                service = self.ipvs_service(namespace)
+                weighted = sorted(rs.address for rs in service.real_servers
+                                  if rs.weight > 0) if service else []
+                ok = (service is not None and service.scheduler == self.scheduler
+                      and weighted == sorted(str(e) for e in self.serving()))
+                seen = [] if service is None else [
+                    f"{service.protocol} {service.address} {service.scheduler} {service.flags}"
+                    .strip(),
+                    *(f"-> {rs.address} {rs.forward} weight {rs.weight}"
+                      for rs in service.real_servers)]
+            elif self.cell.mode == "iptables":
                 text = netns.run(*netns.ns_exec(namespace, ["iptables-save", "-t", "nat"]))
                 seen = [line for line in text.splitlines()
                         if line.startswith(f"-A {rules.service_chain(self.service)} ")]
@@ -377,7 +454,8 @@ class LabCell:
                                    f"not match {n} endpoints: {seen[:3]}")
         return {"mode": self.cell.mode, "verified": all(checked), "endpoints": n,
                 "nodes_checked": len(checked), "example_rules_node_1": seen[:8],
-                "source": "read back from each node's kernel (iptables-save / nft list)"}
+                "source": "read back from each node's kernel "
+                          "(iptables-save / nft list / /proc/net/ip_vs)"}
 
     # -- workload ------------------------------------------------------------------------------
 
@@ -483,16 +561,32 @@ class LabCell:
         except (urllib.error.URLError, OSError, ValueError):
             return None
 
+    def established(self, node: int, t: float) -> list[tuple[str, int, str]]:
+        """(client ip, client port, pod ip) of the service's established connections on `node`.
+
+        IPVS modes read the IPVS connection table (and record the real servers' weights and
+        counts for `ipvs.csv`); the others read conntrack.
+        """
+        namespace = self.topology.node_ns(node)
+        if self.scheduler is not None:
+            by_ip = {p.ip: p.pod.name for p in self.pods}
+            self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", self.ip_vs_text(namespace),
+                                                self.service_address, by_ip)
+            return [(c.client.rsplit(":", 1)[0], int(c.client.rsplit(":", 1)[1]),
+                     c.destination.rsplit(":", 1)[0])
+                    for c in ipvs.parse_ip_vs_conn(self.ip_vs_text(namespace, "ip_vs_conn"))
+                    if c.state == "ESTABLISHED" and c.virtual == self.service_address]
+        done = subprocess.run(
+            netns.ns_exec(namespace, ["conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP,
+                                      "--state", "ESTABLISHED"]),
+            capture_output=True, text=True,
+        )
+        return parse_conntrack(done.stdout)
+
     def read_conntrack(self, t: float) -> None:
         by_ip = {p.ip: p.pod.name for p in self.pods}
         for node in range(self.cfg.cluster.nodes):
-            done = subprocess.run(
-                netns.ns_exec(self.topology.node_ns(node),
-                              ["conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP,
-                               "--state", "ESTABLISHED"]),
-                capture_output=True, text=True,
-            )
-            for client_ip, port, pod_ip in parse_conntrack(done.stdout):
+            for client_ip, port, pod_ip in self.established(node, t):
                 key = (node, client_ip, port, by_ip.get(pod_ip, pod_ip))
                 seen = self.flows.setdefault(key, [t, t])
                 seen[1] = t
@@ -536,6 +630,8 @@ class LabCell:
         cfg = self.cfg
         self.t0 = time.monotonic()
         self.topology.create()
+        if self.scheduler is not None:
+            self.prepare_ipvs()
         setup_started = self.t0
         initial = [self.create_pod() for _ in range(self.replicas)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
@@ -573,6 +669,10 @@ class LabCell:
             while t <= cfg.duration_seconds:
                 self.at(t, "hpa")
                 t += cfg.backend.hpa.sync_seconds
+        t = IPVS_GRACEFUL_CHECK_SECONDS
+        while self.scheduler is not None and t <= cfg.duration_seconds:
+            self.at(t, "ipvs-graceful")
+            t += IPVS_GRACEFUL_CHECK_SECONDS
         while self.heap:
             t, _, action, arg = self.heap[0]
             if t > cfg.duration_seconds:
@@ -595,6 +695,8 @@ class LabCell:
                 self.timeline(arg)
             elif action == "hpa":
                 self.hpa_sync()
+            elif action == "ipvs-graceful":
+                self.ipvs_graceful_pass()
         summary = self.stop_clients()
         return self.result(dataplane, summary)
 
@@ -628,6 +730,9 @@ class LabCell:
             artifacts[path.name] = path.read_bytes()
         if (self.workdir / "summary.json").exists():
             artifacts["summary.json"] = (self.workdir / "summary.json").read_bytes()
+        if self.ipvs_rows:
+            artifacts["ipvs.csv"] = pd.DataFrame(self.ipvs_rows, columns=ipvs.ROW_COLUMNS).to_csv(
+                index=False).encode()
         lateness = np.asarray(self.sample_lateness) if self.sample_lateness else np.zeros(1)
         dataplane = dataplane | {
             "setup_seconds": round(self.setup_seconds, 3),
