@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Mode = Literal["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-wlc", "ipvs-sh", "ipvs-mh"]
 ALL_MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
 DEFAULT_MODES: list[Mode] = ["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"]
+# connections.close_reason in results (design §5); `end` = still open when the cell ended. Kept
+# here, the light module every process imports, so workload processes need not import pandas.
+CLOSE_REASONS = ("lifetime", "reconnect", "max-age", "server-shutdown", "reset", "load-change",
+                 "end")
 ROOT_SEED = 0  # every random stream of a cell is spawned from (ROOT_SEED, seed, ...)
 
 METRICS = (
@@ -219,6 +223,12 @@ class Event(_Strict):
         ):
             raise ValueError("requests_per_second: load needs requests_per_second or connections")
         return self
+
+    @property
+    def load_change(self) -> dict[str, Any]:
+        """What a `load` event sets: {"requests_per_second": ..., "connections": ...}."""
+        return {key: value for key in ("requests_per_second", "connections")
+                if (value := getattr(self, key)) is not None}
 
     @property
     def kill_count(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kpbench.config import validate
 from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies
 
 from .loopback import (
@@ -46,9 +47,10 @@ def run_workload(
     processes: Processes, tmp_path: Path, workload: dict[str, Any], host: str, run_time: float,
     during: Callable[[subprocess.Popen[str]], None] | None = None,
     backend: dict[str, Any] | None = None, extra: tuple[str, ...] = (),
+    extra_top: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     config = write_experiment(tmp_path / "experiment.yaml", {"ramp_seconds": 0, **workload},
-                              **({"backend": backend} if backend else {}))
+                              **({"backend": backend} if backend else {}), **(extra_top or {}))
     summary = tmp_path / "summary.json"
     process = processes.spawn([
         "-m", "kpbench.workload", "--config", str(config), "--host", host,
@@ -312,3 +314,64 @@ def test_grpc_sigterm_and_periodic_reconnect(processes: Processes, tmp_path: Pat
     assert closed["reconnect"] > 0
     assert summary["requests"]["failed"] <= victim_held[0] * 0.2
     assert summary["connections"]["open_at_stop_by_pod"].get("pod-0", 0) == 0
+
+
+# -- load events ----------------------------------------------------------------------------------
+
+
+def test_plan_follows_the_load_schedule() -> None:
+    plan = WorkloadPlan.from_experiment(validate({
+        "name": "steps", "workload": {"connections": 10, "requests_per_second": 2,
+                                      "ramp_seconds": 5},
+        "events": [{"at": 30, "action": "load", "connections": 4},
+                   {"at": 10, "action": "load", "requests_per_second": 8, "connections": 30}],
+    }))
+    assert [plan.requests_per_second_at(t) for t in (0, 9.9, 10, 100)] == [2, 2, 8, 8]
+    assert plan.request_interval_at(12) == 0.125
+    assert plan.users_at(0) == (10, 2.0)  # 10 users over the 5 s ramp
+    assert plan.users_at(10) == (30, 4.0)  # +20 over 5 s
+    assert plan.users_at(31) == (4, 5.2)  # -26 over 5 s
+
+
+def test_a_rate_step_reaches_the_servers(processes: Processes, tmp_path: Path) -> None:
+    server = start_server(processes, "pod-0", "--grpc-port", "off")
+    users, before, after = 10, 2.0, 10.0
+    windows: list[float] = []
+
+    def during(_: subprocess.Popen[str]) -> None:
+        wait_until(lambda: active([server])[0] == users)
+        started = time.monotonic()
+        for begin, end in ((0.3, 2.3), (4.0, 6.0)):
+            time.sleep(max(0.0, started + begin - time.monotonic()))
+            first = scrape(server.port)[("kpbench_requests_total", "http")]
+            time.sleep(max(0.0, started + end - time.monotonic()))
+            windows.append(scrape(server.port)[("kpbench_requests_total", "http")] - first)
+
+    summary = run_workload(
+        processes, tmp_path, {"connections": users, "requests_per_second": before},
+        f"http://127.0.0.1:{server.port}", 7, during,
+        extra_top={"events": [{"at": 3, "action": "load", "requests_per_second": after}]})
+    assert summary["requests"]["failed"] == 0
+    # 2 s windows: 40 requests at 2/s per connection before the step, 200 at 10/s after it
+    assert 3.0 <= windows[1] / windows[0] <= 7.0, windows
+
+
+def test_connection_steps_add_and_close_users(processes: Processes, tmp_path: Path) -> None:
+    server = start_server(processes, "pod-0", "--grpc-port", "off")
+    seen: list[float] = []
+
+    def during(_: subprocess.Popen[str]) -> None:
+        for expected in (4, 12, 6):
+            wait_until(lambda n=expected: active([server])[0] == n, timeout=8)
+            seen.append(active([server])[0])
+
+    summary = run_workload(
+        processes, tmp_path, {"connections": 4, "requests_per_second": 2},
+        f"http://127.0.0.1:{server.port}", 6, during,
+        extra_top={"events": [{"at": 2, "action": "load", "connections": 12},
+                              {"at": 4, "action": "load", "connections": 6}]})
+    assert seen == [4, 12, 6]
+    connections = summary["connections"]
+    assert connections["opened"] == 12
+    assert connections["closed"]["load-change"] == 6 and connections["closed"]["end"] == 6
+    assert summary["requests"]["failed"] == 0

@@ -34,7 +34,7 @@ import pandas as pd
 
 from kpbench import control, dataplane
 from kpbench.backends.base import CellResult, Progress
-from kpbench.config import ALL_MODES, ROOT_SEED, Cell, Experiment
+from kpbench.config import ALL_MODES, CLOSE_REASONS, ROOT_SEED, Cell, Experiment
 
 SHUTDOWN_SECONDS = 1.0  # SIGTERM -> connections closed -> process exits (within the grace period)
 PROXY_REPLICAS = 2
@@ -44,8 +44,6 @@ EPHEMERAL_PORTS = (32768, 60999)
 OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP, RECONCILE = range(11)
 RAMP_BATCH = 2048
 
-CLOSE_REASONS = ["lifetime", "reconnect", "max-age", "server-shutdown", "reset", "load-change",
-                 "end"]
 _REASON = {name: code for code, name in enumerate(CLOSE_REASONS)}
 
 
@@ -461,17 +459,14 @@ class Simulation:
             self.replicas = event.replicas
             self.reconcile()
         elif event.action == "load":
-            detail: dict[str, Any] = {}
             if event.requests_per_second is not None:
                 self.clock_base = self.request_clock(self.now)
                 self.clock_t = self.now
                 self.advance_proxy_clock(self.now)
                 self.rps = event.requests_per_second
-                detail["requests_per_second"] = self.rps
             if event.connections is not None:
-                detail["connections"] = event.connections
                 self.change_users(event.connections)
-            self.record("load_changed", **detail)
+            self.record("load_changed", **event.load_change)
         else:
             ready = [i for i in self.alive if self.pods[i].ready]
             for index_ in self.rng_control.sample(ready, min(event.kill_count, len(ready))):

@@ -17,8 +17,9 @@ Per cell, in its own namespace:
    a pod: the cell's clock starts there (t = 0), as in the lab and the simulator;
 5. run the timeline in real time: `rollout` patches the pod template's
    `kubectl.kubernetes.io/restartedAt` annotation (what `kubectl rollout restart` does),
-   `scale` writes the `scale` subresource, `load` (connections) posts `user_count` to the Locust
-   master's `/swarm`, `kill-pod` deletes ready pods with grace period 0. Every `sample_seconds`:
+   `scale` writes the `scale` subresource, `load` is only recorded (Locust follows the
+   experiment's `load` schedule itself: `kpbench.workload.plan`), `kill-pod` deletes ready pods
+   with grace period 0. Every `sample_seconds`:
    each backend pod's `/metrics` through the API server's pod proxy (admin port, which stays open
    while a pod terminates), CPU from metrics-server, HPA status, and for IPVS modes each node's
    `/proc/net/ip_vs` (active / inactive connections per real server) beside the pods' counts;
@@ -139,7 +140,6 @@ class KubeCell:
         self.endpoint_counts: tuple[int, int, int] | None = None
         self.hpa_desired: int | None = None
         self.replicas = self.cfg.backend.replicas
-        self.connections = self.cfg.workload.connections
         self.service_address: str | None = None
         self.watch_queue: queue.Queue[tuple[float, str, str, dict[str, Any]]] = queue.Queue()
         self.stop_watching = threading.Event()
@@ -435,25 +435,14 @@ class KubeCell:
             self.api.scale(self.namespace, "backend", event.replicas)
             self.record("scaled", replicas=event.replicas, previous=self.replicas)
             self.replicas = event.replicas
-        elif event.action == "load":
-            if event.connections is not None:
-                self.change_users(event.connections)
+        elif event.action == "load":  # the workload follows the schedule on its own clock
+            self.record("load_changed", **event.load_change)
         elif event.action == "kill-pod":
             self.refresh_pods()
             ready = sorted(p.name for p in self.pods.values() if p.ready)
             for name in self.rng.sample(ready, min(event.kill_count, len(ready))):
                 self.api.delete("Pod", self.namespace, name, grace_seconds=0)
                 self.record("pod_killed", name)
-
-    def change_users(self, connections: int) -> None:
-        ramp = self.cfg.workload.ramp_seconds
-        change = abs(connections - self.connections)
-        rate = change / ramp if ramp > 0 and change else max(change, 1)
-        self.api.proxy("POST", self.namespace, "locust-master", manifests.LOCUST_WEB_PORT,
-                       "swarm", form={"user_count": str(connections),
-                                      "spawn_rate": f"{max(rate, 0.001):g}"})
-        self.record("load_changed", connections=connections, previous=self.connections)
-        self.connections = connections
 
     # -- end ---------------------------------------------------------------------------------------
 

@@ -162,9 +162,9 @@ def service_host(namespace: str, experiment: Experiment) -> str:
 
 
 def master_command(namespace: str, experiment: Experiment) -> list[str]:
-    """Locust's master with its web API on (`--autostart`, not `--headless`), so that `load`
-    events can change the number of users through `POST /swarm`; the same options as
-    `python -m kpbench.workload --master` otherwise (kpbench.workload.__main__)."""
+    """Locust's master, started at once (`--autostart`) with its web API on for inspection; the
+    same options as `python -m kpbench.workload --master` otherwise (kpbench.workload.__main__).
+    `load` events need nothing from outside: the locustfile follows their schedule."""
     workload = experiment.workload
     users = workload.connections
     spawn_rate = users / workload.ramp_seconds if workload.ramp_seconds > 0 else users

@@ -95,8 +95,6 @@ class LabBackend:
             )
         if experiment.cluster.nodes > 200:
             raise PreflightError("--backend lab: cluster.nodes must be <= 200 in the lab")
-        if any(event.action == "load" for event in experiment.events):
-            raise PreflightError("--backend lab: `load` events are not supported by the lab yet")
         if experiment.workload.proxy != "none":
             raise PreflightError("--backend lab: workload.proxy l7 is not supported by the lab yet")
 
@@ -612,6 +610,8 @@ class LabCell:
         elif event.action == "scale":
             self.record("scaled", replicas=event.replicas, previous=self.replicas)
             self.replicas = event.replicas or self.replicas
+        elif event.action == "load":  # the workload follows the schedule on its own clock
+            self.record("load_changed", **event.load_change)
         elif event.action == "kill-pod":
             ready = [p for p in self.pods if p.pod.ready]
             for pod in self.rng_control.sample(ready, min(event.kill_count, len(ready))):

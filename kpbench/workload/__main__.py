@@ -72,6 +72,9 @@ def locust_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     run_time = experiment.duration_seconds if args.run_time is None else args.run_time
     if users < 0:
         problems.append(f"--users: must be >= 0, got {users}")
+    if args.users is not None and any(e.action == "load" and e.connections is not None
+                                      for e in experiment.events):
+        problems.append("--users: the experiment's load events set the connections over time")
     if not math.isfinite(run_time) or run_time <= 0:
         problems.append(f"--run-time: must be > 0, got {run_time:g}")
     if args.expect_workers < 1:

@@ -7,6 +7,9 @@ The experiment comes from the environment: `KPBENCH_EXPERIMENT_JSON` (a resolved
 class this file exposes: `KpbenchHttpUser` or `KpbenchGrpcUser`. An invalid config prints one
 line per problem and exits 2.
 
+When the experiment's `load` events change `connections`, this file also defines a load shape that
+moves the number of users on that schedule (see `kpbench.workload.plan`).
+
 Extra Locust option: `--kpbench-summary FILE.json`, written by the master (or the local runner)
 when Locust quits; in distributed mode each worker's tally reaches the master with its regular
 reports and the master sums them.
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc.experimental.gevent
-from locust import events
+from locust import LoadTestShape, events
 from locust.runners import MasterRunner, WorkerRunner
 
 from kpbench.config import ConfigError, Experiment, load, validate
@@ -64,6 +67,24 @@ TEST_STARTED_AT: list[float] = []
 @events.test_start.add_listener
 def _test_started(**_: Any) -> None:
     TEST_STARTED_AT.append(time.time())
+    users.LongConnectionUser.test_started_at = time.monotonic()
+
+
+if PLAN.connection_changes:
+
+    class KpbenchLoadShape(LoadTestShape):
+        """The number of users over time from the experiment's `load` events (master only).
+
+        Locust then ignores `-u`, `-r` and `-t`; the shape ends the test at `--run-time`.
+        """
+
+        def tick(self) -> tuple[int, float] | None:
+            elapsed = self.get_run_time()
+            environment = users.LongConnectionUser.environment_ref
+            limit = getattr(environment.parsed_options, "run_time", None)
+            if limit and elapsed > limit:
+                return None
+            return PLAN.users_at(elapsed)
 
 
 @events.init_command_line_parser.add_listener

@@ -15,7 +15,13 @@ Connection ends, mirroring `kpbench.backends.sim`:
   attributed to `max-age` when `backend.max_connection_age_seconds` is set and the connection is
   at least 90% that old (grpc core jitters the age by ±10%), else to `server-shutdown`;
   `reset` for an error on an open connection (RST, EOF mid-response, timeout, gRPC UNAVAILABLE).
+- `load-change`: closed because a `load` event lowered the number of connections.
 - `end`: closed because the run ended.
+
+`load` events are followed by the workload itself, on its own clock (t = 0 when Locust starts
+the test, which is when the cell's clients start their ramp): each user paces its requests at
+`requests_per_second_at(t)`, and when the events change `connections` the master's load shape
+(`users_at`) moves the number of users, ramping up over `workload.ramp_seconds` like the start.
 """
 
 from __future__ import annotations
@@ -25,9 +31,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpbench.config import Experiment
+from kpbench.config import CLOSE_REASONS, Experiment
 
-CLOSE_REASONS = ("lifetime", "reconnect", "max-age", "server-shutdown", "reset", "end")
 SILENT_MAX_AGE_FRACTION = 0.9
 SUMMARY_FORMAT = "kpbench-workload-summary/1"
 
@@ -50,6 +55,8 @@ class WorkloadPlan:
     reconnect_jitter: float
     reconnect_requests: int | None
     max_connection_age_seconds: float | None
+    rate_changes: tuple[tuple[float, float], ...] = ()  # (at, requests_per_second), by time
+    connection_changes: tuple[tuple[float, int], ...] = ()  # (at, connections), by time
 
     @classmethod
     def from_experiment(cls, experiment: Experiment) -> WorkloadPlan:
@@ -69,11 +76,40 @@ class WorkloadPlan:
             reconnect_jitter=workload.reconnect.jitter_fraction,
             reconnect_requests=workload.reconnect.requests,
             max_connection_age_seconds=experiment.backend.max_connection_age_seconds,
+            rate_changes=tuple(sorted(
+                (e.at, e.requests_per_second) for e in experiment.events
+                if e.action == "load" and e.requests_per_second is not None)),
+            connection_changes=tuple(sorted(
+                (e.at, e.connections) for e in experiment.events
+                if e.action == "load" and e.connections is not None)),
         )
 
-    @property
-    def request_interval(self) -> float:
-        return 1.0 / self.requests_per_second
+    def requests_per_second_at(self, elapsed: float) -> float:
+        """The per-connection request rate `elapsed` seconds into the test."""
+        rate = self.requests_per_second
+        for at, value in self.rate_changes:
+            if elapsed < at:
+                break
+            rate = value
+        return rate
+
+    def request_interval_at(self, elapsed: float) -> float:
+        return 1.0 / self.requests_per_second_at(elapsed)
+
+    def users_at(self, elapsed: float) -> tuple[int, float]:
+        """(users, spawn rate) the load shape asks for `elapsed` seconds into the test.
+
+        The start ramps to `connections` over `ramp_seconds`; each change ramps its difference
+        over `ramp_seconds` too (all at once when that is 0), as the simulator does.
+        """
+        users, change = self.connections, self.connections
+        for at, value in self.connection_changes:
+            if elapsed < at:
+                break
+            users, change = value, abs(value - users)
+        ramp = self.ramp_seconds
+        rate = change / ramp if ramp > 0 and change else max(change, 1)
+        return users, max(rate, 0.001)
 
     @property
     def request_limit(self) -> int | None:

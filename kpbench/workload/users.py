@@ -3,11 +3,12 @@
 Importing this module imports Locust (which monkey-patches the process with gevent): import it
 only in a Locust process (`kpbench/workload/locustfile.py`), never in a test runner.
 
-Each user paces its requests at `workload.requests_per_second` (no catch-up bursts when late)
-and ends its connection as `kpbench.workload.plan` describes. After a client-side end (lifetime,
-periodic reconnect) the user reconnects at once and sends a request on the new connection right
-away (so the server counts it at once), then paces from there. A failed connect is retried at
-the next paced request. Nothing is retried silently: a request that fails is reported failed and
+Each user paces its requests at `workload.requests_per_second`, or the rate the experiment's
+`load` events set by then on the test's clock (no catch-up bursts when late), and ends its
+connection as `kpbench.workload.plan` describes. After a client-side end (lifetime, periodic
+reconnect) the user reconnects at once and sends a request on the new connection right away (so
+the server counts it at once), then paces from there. A failed connect is retried at the next
+paced request. Nothing is retried silently: a request that fails is reported failed and
 its connection closed with reason `reset`.
 
 Locust statistics: every request is a `GET /` (HTTP) or `grpc /kpbench.Echo/Hello` entry with
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 
 import grpc
 from locust import User, task
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
 from kpbench.workload.http1 import ConnectionLost, Http1Connection
 from kpbench.workload.plan import CLOSE_REASONS, Tally, WorkloadPlan
@@ -56,6 +58,7 @@ class LongConnectionUser(User):
     abstract = True
     plan: ClassVar[WorkloadPlan]
     environment_ref: ClassVar[Any] = None  # the Locust Environment, set by the locustfile
+    test_started_at: ClassVar[float] = time.monotonic()  # t = 0 of `load` events; locustfile
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
@@ -106,7 +109,8 @@ class LongConnectionUser(User):
             self.end_connection(held.end_reason or "lifetime")
             self.next_request_at = now
         if now >= self.next_request_at:
-            self.next_request_at = max(self.next_request_at + self.plan.request_interval, now)
+            interval = self.plan.request_interval_at(now - self.test_started_at)
+            self.next_request_at = max(self.next_request_at + interval, now)
             self.request()
 
     def request(self) -> None:
@@ -127,7 +131,9 @@ class LongConnectionUser(User):
         self.exchange()
 
     def on_stop(self) -> None:
-        self.end_connection("end")
+        stopping = self.environment.runner is None or self.environment.runner.state in (
+            STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED)
+        self.end_connection("end" if stopping else "load-change")
 
     def fire(self, request_type: str, name: str, started: float, perf_start: float,
              length: int, exception: BaseException | None, pod: str | None = None) -> None:
