@@ -26,6 +26,7 @@ DEFAULT_MODES: list[Mode] = ["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs
 # here, the light module every process imports, so workload processes need not import pandas.
 CLOSE_REASONS = ("lifetime", "reconnect", "max-age", "server-shutdown", "reset", "load-change",
                  "end")
+L7_PROXY_REPLICAS = 2  # proxy pods of `workload.proxy: l7`, in every backend
 ROOT_SEED = 0  # every random stream of a cell is spawned from (ROOT_SEED, seed, ...)
 
 METRICS = (

@@ -286,3 +286,35 @@ events:
     # after the graceful pass at 60 s, the old real servers are gone from every node
     assert not set(final["pod"]) & old and (final["weight"] == 1).all()
     assert final.groupby("node").size().eq(3).all()
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="workload.proxy l7 needs haproxy")
+def test_l7_proxy_balances_requests_through_a_rollout(tmp_path: Path) -> None:
+    config = write_config(tmp_path, """
+name: lab-l7
+modes: [iptables]
+seeds: 1
+duration_seconds: 30
+sample_seconds: 1.0
+cluster: {nodes: 2}
+backend: {replicas: 4, startup_seconds: 2, rollout: {max_surge: 1, max_unavailable: 0}}
+workload: {clients: 2, connections: 8, requests_per_second: 5, ramp_seconds: 2, proxy: l7}
+events:
+  - {at: 4, action: rollout}
+""")
+    run = load_run(run_lab(config, tmp_path))
+    (cell,) = run.cells
+    assert cell["status"] == "COMPLETED", cell
+    assert cell["dataplane"]["verified"] and cell["dataplane"]["endpoints"] == 2
+    assert cell["dataplane"]["l7_proxy"]["servers"] == 4
+    # the clients' connections end at the proxy pods, as conntrack saw them
+    assert set(run.connections["pod"]) == {"l7-proxy-0", "l7-proxy-1"}
+    assert cell["dataplane"]["workload"]["requests"]["failed"] == 0
+    # after the rollout every new pod serves its share of requests, although no client
+    # reconnected: the last 10 s of requests per pod are within 20% of each other
+    samples = run.samples
+    end = samples[samples["t"] == samples["t"].max()].set_index("pod")["requests_total"]
+    before = samples[samples["t"] == samples["t"].max() - 10].set_index("pod")["requests_total"]
+    recent = (end - before.reindex(end.index, fill_value=0)).sort_index()
+    new = [pod for pod in recent.index if pod.startswith("backend-2-")]
+    assert len(new) == 4 and recent[new].min() >= 0.8 * recent[new].max(), recent.to_dict()

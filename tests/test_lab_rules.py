@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from kpbench.lab import rules
+from pathlib import Path
+
+import pytest
+
+from kpbench.lab import l7, rules
 from kpbench.lab.backend import parse_conntrack, parse_metrics
 
 SERVICE = rules.Service("ns1", "svc1", "p80", "172.30.0.41", 80)
@@ -57,3 +61,50 @@ def test_parse_conntrack() -> None:
     line = ("tcp      6 431999 ESTABLISHED src=198.18.0.6 dst=198.19.0.10 sport=40000 dport=80 "
             "src=198.18.1.2 dst=198.18.0.6 sport=8080 dport=40000 [ASSURED] mark=0 use=1")
     assert parse_conntrack(line + "\n") == [("198.18.0.6", 40000, "198.18.1.2")]
+
+
+# -- the L7 proxy (HAProxy) ---------------------------------------------------------------------
+
+# `show servers state backend` of HAProxy 2.6 after two slots were filled and one left empty.
+SERVERS_STATE = "\n".join([
+    "1",
+    "# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight "
+    "srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health "
+    "srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord "
+    "srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port",
+    "3 backend 1 pod1 198.18.0.2 2 4 1 1 0 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0",
+    "3 backend 2 pod2 198.18.1.2 2 4 1 1 0 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0",
+    "3 backend 3 pod3 127.0.0.1 0 5 1 1 2 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0",
+    "",
+])
+
+
+def test_haproxy_config_balances_every_request_over_disabled_slots(tmp_path: Path) -> None:
+    text = l7.haproxy_config("grpc", 9090, 9090, 16, tmp_path / "x.sock")
+    assert "    mode http" in text and "    balance roundrobin" in text
+    assert "    bind :9090 proto h2" in text
+    assert "    server-template pod 1-16 127.0.0.1:9090 disabled proto h2" in text
+    assert "prefer-last-server" not in text  # would pin a client connection to one server
+    assert "proto h2" not in l7.haproxy_config("http", 8080, 8080, 16, tmp_path / "x.sock")
+
+
+def test_slots_follow_the_ready_endpoints() -> None:
+    commands, assigned = l7.slot_commands({}, ["198.18.0.2:8080", "198.18.1.2:8080"], 4)
+    assert commands == [
+        "set server backend/pod1 addr 198.18.0.2 port 8080", "set server backend/pod1 state ready",
+        "set server backend/pod2 addr 198.18.1.2 port 8080", "set server backend/pod2 state ready",
+    ]
+    commands, assigned = l7.slot_commands(assigned, ["198.18.1.2:8080", "198.18.2.2:8080"], 4)
+    assert commands == [
+        "set server backend/pod1 state maint",
+        "set server backend/pod1 addr 198.18.2.2 port 8080", "set server backend/pod1 state ready",
+    ]
+    assert assigned == {"198.18.1.2:8080": 2, "198.18.2.2:8080": 1}
+    assert l7.slot_commands(assigned, ["198.18.1.2:8080", "198.18.2.2:8080"], 4)[0] == []
+    with pytest.raises(RuntimeError, match="only 1 server slots"):
+        l7.slot_commands({}, ["198.18.0.2:8080", "198.18.1.2:8080"], 1)
+
+
+def test_servers_in_service_are_read_from_the_runtime_state() -> None:
+    assert l7.enabled_servers(SERVERS_STATE) == ["198.18.0.2:8080", "198.18.1.2:8080"]
+    assert l7.enabled_servers("1\n") == []

@@ -34,10 +34,16 @@ import pandas as pd
 
 from kpbench import control, dataplane
 from kpbench.backends.base import CellResult, Progress
-from kpbench.config import ALL_MODES, CLOSE_REASONS, ROOT_SEED, Cell, Experiment
+from kpbench.config import (
+    ALL_MODES,
+    CLOSE_REASONS,
+    L7_PROXY_REPLICAS,
+    ROOT_SEED,
+    Cell,
+    Experiment,
+)
 
 SHUTDOWN_SECONDS = 1.0  # SIGTERM -> connections closed -> process exits (within the grace period)
-PROXY_REPLICAS = 2
 EPHEMERAL_PORTS = (32768, 60999)
 
 # event kinds
@@ -300,8 +306,8 @@ class Simulation:
                 self.active[index] = 0
             for index in new - old:
                 self.q_joined[index] = self.q_clock
-                self.active[index] = PROXY_REPLICAS
-                self.conns_total[index] += PROXY_REPLICAS
+                self.active[index] = L7_PROXY_REPLICAS
+                self.conns_total[index] += L7_PROXY_REPLICAS
             self.proxy_view = tuple(serving)
 
     # -- connections ---------------------------------------------------------------------------
@@ -339,7 +345,7 @@ class Simulation:
             return
         now = self.now
         if self.l7:
-            pod = -1 - (user % PROXY_REPLICAS)  # clients hold connections to proxy pods
+            pod = -1 - (user % L7_PROXY_REPLICAS)  # clients hold connections to proxy pods
             self.advance_proxy_clock(now)
             self.connected_users += 1
         else:
@@ -632,11 +638,11 @@ class Simulation:
         log = self.closed_log
         pod_codes = np.frombuffer(log.pod, dtype=np.int64)
         users = np.frombuffer(log.user, dtype=np.int64)
-        proxy_names = np.array([f"l7-proxy-{i}" for i in range(PROXY_REPLICAS)], dtype=object)
+        proxy_names = np.array([f"l7-proxy-{i}" for i in range(L7_PROXY_REPLICAS)], dtype=object)
         pod_names = np.where(
             pod_codes >= 0,
             names[np.clip(pod_codes, 0, None)] if len(names) else "",
-            proxy_names[np.clip(-1 - pod_codes, 0, PROXY_REPLICAS - 1)],
+            proxy_names[np.clip(-1 - pod_codes, 0, L7_PROXY_REPLICAS - 1)],
         )
         clients = users % self.cfg.workload.clients
         client_names = np.array([f"client-{c}" for c in range(self.cfg.workload.clients)],

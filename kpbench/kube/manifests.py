@@ -30,7 +30,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from kpbench.config import Experiment
+from kpbench.config import L7_PROXY_REPLICAS, Experiment
 
 MANIFESTS = Path(__file__).resolve().parent.parent.parent / "manifests"
 
@@ -241,7 +241,7 @@ def l7_proxy_manifests(namespace: str, experiment: Experiment) -> list[dict[str,
     text = _render(
         "app/l7-proxy.yaml.j2", namespace=namespace, envoy_yaml=envoy_config(namespace, experiment),
         envoy_image=ENVOY_IMAGE, proxy_port=ENVOY_PROXY_PORT, envoy_admin_port=ENVOY_ADMIN_PORT,
-        service_port=SERVICE_PORT, proxy_replicas=max(1, min(3, experiment.cluster.nodes)),
+        service_port=SERVICE_PORT, proxy_replicas=L7_PROXY_REPLICAS,
     )
     return _documents(text)
 

@@ -15,6 +15,9 @@ table is read for the service's established connections (for IPVS modes `/proc/n
 which gives `connections.parquet` at sample resolution (`close_reason` is unknown to the kernel
 and left empty, except `end`).
 
+With `workload.proxy: l7` the Service's endpoints are L7 proxy pods running HAProxy
+(`kpbench.lab.l7`), which send every request to one of the ready backend pods.
+
 IPVS modes follow `kpbench.ipvs`: per node the ClusterIP on the dummy device `kube-ipvs0`, one
 virtual server with the mode's scheduler, real servers added, quiesced and deleted as kube-proxy's
 graceful termination does. kube-proxy's IPVS-mode iptables/ipset rules (hairpin masquerade,
@@ -49,9 +52,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kpbench import control, ipvs
 from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
-from kpbench.config import ROOT_SEED, Cell, Experiment
+from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell, Experiment
 from kpbench.dataplane import IPVS_GRACEFUL_CHECK_SECONDS
-from kpbench.lab import netns, rules
+from kpbench.lab import l7, netns, rules
 from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
 
 HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_HTTP_PORT = 8080, 9090, 9102, 80
@@ -59,6 +62,7 @@ LOCUST_MASTER_PORT = 5557
 LOCUST_RUN_TIME_MARGIN_SECONDS = 600  # Locust is stopped by SIGTERM when the cell ends
 READY_POLL_SECONDS = 0.2
 STARTUP_TIMEOUT_SECONDS = 60.0
+L7_SLOTS = 256  # backend pods an L7 proxy can hold at once
 TOOLS = ("ip", "iptables-restore", "iptables-save", "nft", "conntrack", "sysctl")
 
 
@@ -95,8 +99,9 @@ class LabBackend:
             )
         if experiment.cluster.nodes > 200:
             raise PreflightError("--backend lab: cluster.nodes must be <= 200 in the lab")
-        if experiment.workload.proxy != "none":
-            raise PreflightError("--backend lab: workload.proxy l7 is not supported by the lab yet")
+        if experiment.workload.proxy == "l7" and shutil.which("haproxy") is None:
+            raise PreflightError("--backend lab: workload.proxy l7 needs haproxy "
+                                 "(apt-get install haproxy)")
 
     def attach(self, run_dir: Path) -> None:
         return None
@@ -122,6 +127,7 @@ class LabBackend:
             "grpcio": package_version("grpcio"),
             "iptables": first_line("iptables", "--version"),
             "nft": first_line("nft", "--version"),
+            "haproxy": first_line("haproxy", "-v") if shutil.which("haproxy") else None,
             "iproute2": first_line("ip", "-V"),
         }
 
@@ -144,6 +150,14 @@ class LabPod:
     cpu: tuple[float, float] | None = None  # (t, process CPU seconds) at the last scrape
     cpu_millicores: float | None = None
     exited: bool = False
+
+
+@dataclass
+class LabProxy:
+    name: str
+    ip: str
+    runtime_socket: Path
+    process: subprocess.Popen[bytes]
 
 
 @dataclass
@@ -197,6 +211,8 @@ class LabCell:
         self.service_address = f"{CLUSTER_IP}:{self.service.port}"
         self.scheduler = ipvs.scheduler_of(cell.mode) if cell.mode.startswith("ipvs-") else None
         self.ipvs_rows: list[dict[str, Any]] = []
+        self.proxies: list[LabProxy] = []
+        self.proxy_slots: dict[str, int] = {}  # backend endpoint -> slot, the same in every proxy
         self.surge, self.unavailable = self.cfg.backend.rollout.resolve(self.cfg.backend.replicas)
         self.replicas = self.cfg.backend.replicas
         self.revision = 1
@@ -352,7 +368,9 @@ class LabCell:
 
     def sync(self) -> dict[str, Any]:
         self.sync_pending = False
-        endpoints = self.serving()
+        if self.proxies:
+            self.sync_proxies(self.serving())
+        endpoints = self.dataplane_endpoints()
         for node in range(self.cfg.cluster.nodes):
             namespace = self.topology.node_ns(node)
             if self.scheduler is not None:
@@ -367,6 +385,64 @@ class LabCell:
                 netns.run(*netns.ns_exec(namespace, ["nft", "-f", "-"]),
                           input_text=rules.nft_ruleset(self.service, endpoints))
         return {"endpoints": len(endpoints)}
+
+    def dataplane_endpoints(self) -> list[rules.Endpoint]:
+        """What the Service's rules balance over: the backend pods, or the L7 proxy pods."""
+        if self.proxies:
+            return [rules.Endpoint(proxy.ip, self.target_port) for proxy in self.proxies]
+        return self.serving()
+
+    def names_by_ip(self) -> dict[str, str]:
+        return {p.ip: p.pod.name for p in self.pods} | {x.ip: x.name for x in self.proxies}
+
+    # -- L7 proxy ------------------------------------------------------------------------------
+
+    def start_proxies(self) -> None:
+        """The L7 proxy pods: HAProxy, its server slots empty until the first sync."""
+        for index in range(L7_PROXY_REPLICAS):
+            name, node = f"l7-proxy-{index}", index % self.cfg.cluster.nodes
+            namespace, ip = self.topology.add_pod(f"x{index}", node)
+            config = self.workdir / f"{name}.cfg"
+            runtime_socket = self.workdir / f"{name}.sock"
+            config.write_text(l7.haproxy_config(self.cfg.workload.protocol, self.target_port,
+                                                self.target_port, L7_SLOTS, runtime_socket))
+            log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+            process = subprocess.Popen(netns.ns_exec(namespace, ["haproxy", "-db", "-f",
+                                                                 str(config)]),
+                                       stdout=log, stderr=subprocess.STDOUT)
+            self.proxies.append(LabProxy(name, ip, runtime_socket, process))
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        for proxy in self.proxies:
+            while True:
+                if proxy.process.poll() is not None:
+                    tail = (self.workdir / f"{proxy.name}.log").read_text(errors="replace")
+                    raise RuntimeError(f"{proxy.name} (haproxy) exited at start: {tail[-300:]}")
+                with contextlib.suppress(OSError):
+                    if "Name: HAProxy" in l7.runtime(proxy.runtime_socket, "show info"):
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{proxy.name} (haproxy) not answering after "
+                                       f"{STARTUP_TIMEOUT_SECONDS:g} s")
+                time.sleep(0.05)
+
+    def sync_proxies(self, endpoints: list[rules.Endpoint]) -> None:
+        commands, self.proxy_slots = l7.slot_commands(self.proxy_slots,
+                                                      [str(e) for e in endpoints], L7_SLOTS)
+        for proxy in self.proxies:
+            for command in commands:
+                l7.runtime(proxy.runtime_socket, command)
+
+    def proxy_read_back(self) -> dict[str, Any]:
+        """Check every proxy's servers in service are the ready backend pods."""
+        expected = sorted(str(e) for e in self.serving())
+        for proxy in self.proxies:
+            state = l7.runtime(proxy.runtime_socket, f"show servers state {l7.BACKEND}")
+            enabled = sorted(l7.enabled_servers(state))
+            if enabled != expected:
+                raise RuntimeError(f"{proxy.name}: servers in service {enabled}, "
+                                   f"expected {expected}")
+        return {"l7_proxy": {"software": "haproxy", "replicas": len(self.proxies),
+                             "balance": "roundrobin per request", "servers": len(expected)}}
 
     # -- IPVS ----------------------------------------------------------------------------------
 
@@ -417,8 +493,9 @@ class LabCell:
 
     def read_back(self) -> dict[str, Any]:
         """Read every node's rules back from the kernel and check them against the mode."""
-        n = len(self.serving())
+        n = len(self.dataplane_endpoints())
         checked = []
+        example: list[str] = []
         for node in range(self.cfg.cluster.nodes):
             namespace = self.topology.node_ns(node)
             if self.scheduler is not None:
@@ -426,7 +503,7 @@ class LabCell:
                 weighted = sorted(rs.address for rs in service.real_servers
                                   if rs.weight > 0) if service else []
                 ok = (service is not None and service.scheduler == self.scheduler
-                      and weighted == sorted(str(e) for e in self.serving()))
+                      and weighted == sorted(str(e) for e in self.dataplane_endpoints()))
                 seen = [] if service is None else [
                     f"{service.protocol} {service.address} {service.scheduler} {service.flags}"
                     .strip(),
@@ -447,13 +524,16 @@ class LabCell:
                 seen = [line.strip() for line in text.splitlines() if "numgen" in line]
                 ok = len(seen) == 1 and f"numgen random mod {n} vmap" in seen[0]
             checked.append(ok)
+            if node == 0:
+                example = seen[:8]
             if not ok:
                 raise RuntimeError(f"node-{node + 1}: the {self.cell.mode} rules read back do "
                                    f"not match {n} endpoints: {seen[:3]}")
+        proxy = self.proxy_read_back() if self.proxies else {}
         return {"mode": self.cell.mode, "verified": all(checked), "endpoints": n,
-                "nodes_checked": len(checked), "example_rules_node_1": seen[:8],
+                "nodes_checked": len(checked), "example_rules_node_1": example,
                 "source": "read back from each node's kernel "
-                          "(iptables-save / nft list / /proc/net/ip_vs)"}
+                          "(iptables-save / nft list / /proc/net/ip_vs)", **proxy}
 
     # -- workload ------------------------------------------------------------------------------
 
@@ -567,7 +647,7 @@ class LabCell:
         """
         namespace = self.topology.node_ns(node)
         if self.scheduler is not None:
-            by_ip = {p.ip: p.pod.name for p in self.pods}
+            by_ip = self.names_by_ip()
             self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", self.ip_vs_text(namespace),
                                                 self.service_address, by_ip)
             return [(c.client.rsplit(":", 1)[0], int(c.client.rsplit(":", 1)[1]),
@@ -582,7 +662,7 @@ class LabCell:
         return parse_conntrack(done.stdout)
 
     def read_conntrack(self, t: float) -> None:
-        by_ip = {p.ip: p.pod.name for p in self.pods}
+        by_ip = self.names_by_ip()
         for node in range(self.cfg.cluster.nodes):
             for client_ip, port, pod_ip in self.established(node, t):
                 key = (node, client_ip, port, by_ip.get(pod_ip, pod_ip))
@@ -632,6 +712,8 @@ class LabCell:
         self.topology.create()
         if self.scheduler is not None:
             self.prepare_ipvs()
+        if self.cfg.workload.proxy == "l7":
+            self.start_proxies()
         setup_started = self.t0
         initial = [self.create_pod() for _ in range(self.replicas)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
@@ -756,7 +838,11 @@ class LabCell:
         for pod in self.pods:
             if pod.process.poll() is None:
                 pod.process.kill()
-        for process in [*self.locust, *(p.process for p in self.pods)]:
+        for proxy in self.proxies:
+            if proxy.process.poll() is None:
+                proxy.process.kill()
+        for process in [*self.locust, *(p.process for p in self.pods),
+                        *(x.process for x in self.proxies)]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
         self.scraper.shutdown(wait=False, cancel_futures=True)

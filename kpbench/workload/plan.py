@@ -55,6 +55,7 @@ class WorkloadPlan:
     reconnect_jitter: float
     reconnect_requests: int | None
     max_connection_age_seconds: float | None
+    proxy: str = "none"  # `l7`: connections end at an L7 proxy, requests reach any pod
     rate_changes: tuple[tuple[float, float], ...] = ()  # (at, requests_per_second), by time
     connection_changes: tuple[tuple[float, int], ...] = ()  # (at, connections), by time
 
@@ -76,6 +77,7 @@ class WorkloadPlan:
             reconnect_jitter=workload.reconnect.jitter_fraction,
             reconnect_requests=workload.reconnect.requests,
             max_connection_age_seconds=experiment.backend.max_connection_age_seconds,
+            proxy=experiment.workload.proxy,
             rate_changes=tuple(sorted(
                 (e.at, e.requests_per_second) for e in experiment.events
                 if e.action == "load" and e.requests_per_second is not None)),

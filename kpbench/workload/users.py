@@ -218,7 +218,9 @@ class KpbenchGrpcUser(LongConnectionUser):
     """One gRPC channel (one HTTP/2 connection) at a time, unary calls with raw bytes.
 
     A channel reconnects by itself after the server closes its connection (GOAWAY); the user
-    notices from the connection id the server reports and records a close and an open.
+    notices from the connection id the server reports and records a close and an open. Behind
+    an L7 proxy the server's connection is the proxy's, not the user's, so the id says nothing
+    about the user's connection and is not followed.
     """
 
     host = "127.0.0.1:9090"
@@ -260,7 +262,7 @@ class KpbenchGrpcUser(LongConnectionUser):
         pod = str(metadata.get("kpbench-pod", ""))
         key = str(metadata.get("kpbench-connection", ""))
         now = time.monotonic()
-        if held.counted and key != held.key:
+        if held.counted and key != held.key and self.plan.proxy == "none":
             TALLY.closed_connection(held.pod, self.plan.silent_close_reason(now - held.opened_at))
             fresh = self.new_held(now)
             held.opened_at, held.end_at, held.end_reason = fresh.opened_at, fresh.end_at, (
