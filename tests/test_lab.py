@@ -32,8 +32,8 @@ pytestmark = [
 
 
 def suite_processes() -> list[str]:
-    done = subprocess.run(["pgrep", "-af", "kpbench.(server|workload)"], capture_output=True,
-                          text=True)
+    done = subprocess.run(["pgrep", "-af", "kpbench.(server|workload)|haproxy.*kpbench-lab"],
+                          capture_output=True, text=True)
     return [line for line in done.stdout.splitlines() if "pgrep" not in line]
 
 
