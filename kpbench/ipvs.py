@@ -19,6 +19,7 @@ netlink directly, with the same effect.
 Reading: `/proc/net/ip_vs` (services, schedulers, weights and connection counts, what
 `ipvsadm -Ln` prints) and `/proc/net/ip_vs_conn` (one line per connection), both with
 hexadecimal addresses (`0A600001:0050` = 10.96.0.1:80) as the kernel's seq files print them.
+`/proc/net/ip_vs` does not show scheduler flags, so `mh-port` is set but not read back.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def sync_commands(address: str, current: Sequence[RealServer], ready: Sequence[s
             commands += [f"-d {service} -r {endpoint}", f"-a {service} -r {endpoint} -m -w 1"]
     wanted = set(ready)
     for server in current:
-        if server.address in wanted:
-            continue
+        if server.address in wanted or server.weight == 0:
+            continue  # a quiesced server is the graceful pass's to delete
         if protocol in ("udp", "sctp") or server.active + server.inactive == 0:
             commands.append(f"-d {service} -r {server.address}")
         elif server.weight != 0:

@@ -33,7 +33,7 @@ class Proxy:
         config.write_text(l7.haproxy_config(protocol, self.port, target_port, 8, self.socket))
         self.process = subprocess.Popen(["haproxy", "-db", "-f", str(config)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.assigned: dict[str, int] = {}
+        self.slots = l7.Slots(8)
         deadline = time.monotonic() + 10
         while not self.socket.exists() or "Name: HAProxy" not in self.ask("show info"):
             assert self.process.poll() is None and time.monotonic() < deadline, (
@@ -47,9 +47,7 @@ class Proxy:
             return ""
 
     def serve(self, ports: list[int]) -> None:
-        commands, self.assigned = l7.slot_commands(
-            self.assigned, [f"127.0.0.1:{port}" for port in ports], 8)
-        for command in commands:
+        for command in self.slots.update([f"127.0.0.1:{port}" for port in ports]):
             self.ask(command)
         enabled = l7.enabled_servers(self.ask(f"show servers state {l7.BACKEND}"))
         assert sorted(enabled) == sorted(f"127.0.0.1:{port}" for port in ports)

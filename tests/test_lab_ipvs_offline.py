@@ -94,7 +94,8 @@ class FakeKernel:
                 assert input_text is not None
                 scheduler = input_text.split(" -s ")[1].split()[0] if " -s " in input_text else ""
                 if scheduler and scheduler not in self.schedulers:
-                    raise lab.netns.LabError("ipvsadm --restore: Memory allocation problem")
+                    raise lab.netns.LabError(
+                        "ipvsadm --restore: Scheduler or persistence engine not found")
                 node.restore(input_text)
                 return ""
             if command[:2] == ["sysctl", "-qw"]:

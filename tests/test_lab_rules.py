@@ -88,21 +88,23 @@ def test_haproxy_config_balances_every_request_over_disabled_slots(tmp_path: Pat
     assert "proto h2" not in l7.haproxy_config("http", 8080, 8080, 16, tmp_path / "x.sock")
 
 
-def test_slots_follow_the_ready_endpoints() -> None:
-    commands, assigned = l7.slot_commands({}, ["198.18.0.2:8080", "198.18.1.2:8080"], 4)
-    assert commands == [
+def test_slots_follow_the_ready_endpoints_and_rotate() -> None:
+    slots = l7.Slots(4)
+    assert slots.update(["198.18.0.2:8080", "198.18.1.2:8080"]) == [
         "set server backend/pod1 addr 198.18.0.2 port 8080", "set server backend/pod1 state ready",
         "set server backend/pod2 addr 198.18.1.2 port 8080", "set server backend/pod2 state ready",
     ]
-    commands, assigned = l7.slot_commands(assigned, ["198.18.1.2:8080", "198.18.2.2:8080"], 4)
-    assert commands == [
+    # the slot just emptied is not refilled while others are free
+    assert slots.update(["198.18.1.2:8080", "198.18.2.2:8080"]) == [
         "set server backend/pod1 state maint",
-        "set server backend/pod1 addr 198.18.2.2 port 8080", "set server backend/pod1 state ready",
+        "set server backend/pod3 addr 198.18.2.2 port 8080", "set server backend/pod3 state ready",
     ]
-    assert assigned == {"198.18.1.2:8080": 2, "198.18.2.2:8080": 1}
-    assert l7.slot_commands(assigned, ["198.18.1.2:8080", "198.18.2.2:8080"], 4)[0] == []
-    with pytest.raises(RuntimeError, match="only 1 server slots"):
-        l7.slot_commands({}, ["198.18.0.2:8080", "198.18.1.2:8080"], 1)
+    assert slots.assigned == {"198.18.1.2:8080": 2, "198.18.2.2:8080": 3}
+    assert slots.update(["198.18.1.2:8080", "198.18.2.2:8080"]) == []
+    slots.update(["198.18.1.2:8080", "198.18.2.2:8080", "198.18.3.2:8080", "198.18.3.3:8080"])
+    assert sorted(slots.assigned.values()) == [1, 2, 3, 4]  # wrapped around to slot 1
+    with pytest.raises(RuntimeError, match="only 4 server slots"):
+        slots.update([*slots.assigned, "198.18.3.4:8080"])
 
 
 def test_servers_in_service_are_read_from_the_runtime_state() -> None:

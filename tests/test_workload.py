@@ -360,14 +360,16 @@ def test_connection_steps_add_and_close_users(processes: Processes, tmp_path: Pa
     server = start_server(processes, "pod-0", "--grpc-port", "off")
     seen: list[float] = []
 
-    def during(_: subprocess.Popen[str]) -> None:
+    def during(process: subprocess.Popen[str]) -> None:
         for expected in (4, 12, 6):
             wait_until(lambda n=expected: active([server])[0] == n, timeout=8)
             seen.append(active([server])[0])
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)  # as the lab stops it, long before --run-time
 
     summary = run_workload(
         processes, tmp_path, {"connections": 4, "requests_per_second": 2},
-        f"http://127.0.0.1:{server.port}", 6, during,
+        f"http://127.0.0.1:{server.port}", 120, during,
         extra_top={"events": [{"at": 2, "action": "load", "connections": 12},
                               {"at": 4, "action": "load", "connections": 6}]})
     assert seen == [4, 12, 6]

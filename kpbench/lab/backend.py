@@ -158,6 +158,7 @@ class LabProxy:
     ip: str
     runtime_socket: Path
     process: subprocess.Popen[bytes]
+    log: Any  # the open log file, closed at teardown
 
 
 @dataclass
@@ -212,7 +213,7 @@ class LabCell:
         self.scheduler = ipvs.scheduler_of(cell.mode) if cell.mode.startswith("ipvs-") else None
         self.ipvs_rows: list[dict[str, Any]] = []
         self.proxies: list[LabProxy] = []
-        self.proxy_slots: dict[str, int] = {}  # backend endpoint -> slot, the same in every proxy
+        self.proxy_slots = l7.Slots(L7_SLOTS)
         self.surge, self.unavailable = self.cfg.backend.rollout.resolve(self.cfg.backend.replicas)
         self.replicas = self.cfg.backend.replicas
         self.revision = 1
@@ -410,7 +411,7 @@ class LabCell:
             process = subprocess.Popen(netns.ns_exec(namespace, ["haproxy", "-db", "-f",
                                                                  str(config)]),
                                        stdout=log, stderr=subprocess.STDOUT)
-            self.proxies.append(LabProxy(name, ip, runtime_socket, process))
+            self.proxies.append(LabProxy(name, ip, runtime_socket, process, log))
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         for proxy in self.proxies:
             while True:
@@ -426,11 +427,12 @@ class LabCell:
                 time.sleep(0.05)
 
     def sync_proxies(self, endpoints: list[rules.Endpoint]) -> None:
-        commands, self.proxy_slots = l7.slot_commands(self.proxy_slots,
-                                                      [str(e) for e in endpoints], L7_SLOTS)
+        commands = self.proxy_slots.update([str(e) for e in endpoints])
         for proxy in self.proxies:
             for command in commands:
                 l7.runtime(proxy.runtime_socket, command)
+        if commands:  # HAProxy answers errors in words: check the state it reports instead
+            self.proxy_read_back()
 
     def proxy_read_back(self) -> dict[str, Any]:
         """Check every proxy's servers in service are the ready backend pods."""
@@ -467,6 +469,8 @@ class LabCell:
             try:
                 self.ipvsadm(namespace, ipvs.create_service(self.service_address, self.scheduler))
             except netns.LabError as exc:
+                if "not found" not in str(exc):  # ipvsadm: "Scheduler ... not found"
+                    raise
                 raise Unsupported(f"IPVS scheduler {self.scheduler} is not available in this "
                                   f"kernel: {exc}") from exc
 
@@ -841,6 +845,7 @@ class LabCell:
         for proxy in self.proxies:
             if proxy.process.poll() is None:
                 proxy.process.kill()
+            proxy.log.close()
         for process in [*self.locust, *(p.process for p in self.pods),
                         *(x.process for x in self.proxies)]:
             with contextlib.suppress(subprocess.TimeoutExpired):

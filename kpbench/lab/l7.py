@@ -16,7 +16,8 @@ connections (it exited before its slot was emptied) is retried on another pod, u
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKEND = "backend"
@@ -50,30 +51,46 @@ def haproxy_config(protocol: str, listen_port: int, target_port: int, slots: int
     ])
 
 
-def slot_commands(assigned: Mapping[str, int], ready: Sequence[str],
-                  slots: int) -> tuple[list[str], dict[str, int]]:
-    """Runtime commands that make the enabled slots exactly the `ready` endpoints (`ip:port`).
+@dataclass
+class Slots:
+    """Which backend endpoint (`ip:port`) holds which server slot; the same in every proxy.
 
-    `assigned` maps endpoints to the slots (1-based) they hold; returns the commands and the new
-    assignment. A leaving endpoint's slot goes to maintenance (no new requests; requests in
-    flight finish) and is free for the next endpoint.
+    New endpoints take free slots in rotation, so a slot emptied a moment ago is the last one
+    reused: HAProxy keeps a server's idle keep-alive connections when it enters maintenance, and
+    a slot refilled at once could send requests over connections to the old pod.
     """
-    wanted = set(ready)
-    commands = [f"set server {BACKEND}/{SLOT}{slot} state maint"
-                for endpoint, slot in assigned.items() if endpoint not in wanted]
-    kept = {endpoint: slot for endpoint, slot in assigned.items() if endpoint in wanted}
-    free = (slot for slot in range(1, slots + 1) if slot not in kept.values())
-    for endpoint in ready:
-        if endpoint in kept:
-            continue
-        slot = next(free, None)
-        if slot is None:
-            raise RuntimeError(f"the L7 proxy has only {slots} server slots")
-        ip, port = endpoint.rsplit(":", 1)
-        commands += [f"set server {BACKEND}/{SLOT}{slot} addr {ip} port {port}",
-                     f"set server {BACKEND}/{SLOT}{slot} state ready"]
-        kept[endpoint] = slot
-    return commands, kept
+
+    count: int
+    assigned: dict[str, int] = field(default_factory=dict)
+    cursor: int = 0  # the slot last handed out
+
+    def update(self, ready: Sequence[str]) -> list[str]:
+        """Runtime commands that make the slots in service exactly the `ready` endpoints.
+
+        A leaving endpoint's slot goes to maintenance: no new requests, those in flight finish.
+        """
+        wanted = set(ready)
+        commands = [f"set server {BACKEND}/{SLOT}{slot} state maint"
+                    for endpoint, slot in self.assigned.items() if endpoint not in wanted]
+        self.assigned = {e: slot for e, slot in self.assigned.items() if e in wanted}
+        for endpoint in ready:
+            if endpoint in self.assigned:
+                continue
+            slot = self._free_slot()
+            ip, port = endpoint.rsplit(":", 1)
+            commands += [f"set server {BACKEND}/{SLOT}{slot} addr {ip} port {port}",
+                         f"set server {BACKEND}/{SLOT}{slot} state ready"]
+            self.assigned[endpoint] = slot
+        return commands
+
+    def _free_slot(self) -> int:
+        taken = set(self.assigned.values())
+        for step in range(1, self.count + 1):
+            slot = (self.cursor + step - 1) % self.count + 1
+            if slot not in taken:
+                self.cursor = slot
+                return slot
+        raise RuntimeError(f"the L7 proxy has only {self.count} server slots")
 
 
 def enabled_servers(servers_state: str) -> list[str]:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 import grpc.experimental.gevent
 from locust import LoadTestShape, events
 from locust.runners import MasterRunner, WorkerRunner
@@ -140,3 +142,8 @@ def _write_summary(exit_code: int, **_: Any) -> None:
 @events.init.add_listener
 def _remember_environment(environment: Any, **_: Any) -> None:
     users.LongConnectionUser.environment_ref = environment
+    if PLAN.connection_changes and not isinstance(environment.runner, WorkerRunner):
+        # A headless run with a load shape waits for the shape before Locust installs its own
+        # SIGTERM handler, so SIGTERM would kill the process without its CSVs and summary.
+        # Stopping the runner ends the shape; Locust then quits as after --run-time.
+        gevent.signal_handler(signal.SIGTERM, environment.runner.stop)

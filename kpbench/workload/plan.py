@@ -78,12 +78,15 @@ class WorkloadPlan:
             reconnect_requests=workload.reconnect.requests,
             max_connection_age_seconds=experiment.backend.max_connection_age_seconds,
             proxy=experiment.workload.proxy,
+            # by time; events at the same time in file order, so the last one wins
             rate_changes=tuple(sorted(
-                (e.at, e.requests_per_second) for e in experiment.events
-                if e.action == "load" and e.requests_per_second is not None)),
+                ((e.at, e.requests_per_second) for e in experiment.events
+                 if e.action == "load" and e.requests_per_second is not None),
+                key=lambda change: change[0])),
             connection_changes=tuple(sorted(
-                (e.at, e.connections) for e in experiment.events
-                if e.action == "load" and e.connections is not None)),
+                ((e.at, e.connections) for e in experiment.events
+                 if e.action == "load" and e.connections is not None),
+                key=lambda change: change[0])),
         )
 
     def requests_per_second_at(self, elapsed: float) -> float:
