@@ -127,6 +127,7 @@ def write_experiment(path: Path, workload: dict[str, Any], **top: Any) -> Path:
 
 
 def free_port() -> int:
+    """A TCP port free on every interface right now (ZeroMQ binds `*:port`)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])

@@ -23,6 +23,7 @@ from .loopback import (
     REPOSITORY,
     Processes,
     Started,
+    free_port,
     scrape,
     start_balancer,
     start_server,
@@ -34,7 +35,7 @@ def active(servers: list[Started], protocol: str = "http") -> list[float]:
     return [scrape(server.port)[("kpbench_active_connections", protocol)] for server in servers]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -238,7 +239,7 @@ def test_distributed_run_merges_worker_tallies(processes: Processes, tmp_path: P
     server = start_server(processes, "pod-0", "--grpc-port", "off")
     config = write_experiment(tmp_path / "experiment.yaml",
                               {"connections": 6, "requests_per_second": 5, "ramp_seconds": 0})
-    port = 20000 + (int(time.time() * 1000) % 20000)
+    port = free_port()
     worker = processes.spawn(["-m", "kpbench.workload", "--config", str(config), "--worker",
                               "--master-port", str(port)])
     summary_path = tmp_path / "summary.json"
@@ -268,17 +269,11 @@ def test_grpc_connections_and_max_age(processes: Processes, tmp_path: Path) -> N
     servers, balancer = servers_behind_balancer(processes, 2, "--max-connection-age-seconds", "1",
                                                 grpc=True)
     users = 10
-    seen: list[float] = []
-
-    def during(_: subprocess.Popen[str]) -> None:
-        wait_until(lambda: sum(active(servers, "grpc")) == users)
-        seen.append(sum(active(servers, "grpc")))
-
+    # connections turn over every ~1 s here, so no instant is guaranteed to show exactly 10
     summary = run_workload(processes, tmp_path,
                            {"connections": users, "requests_per_second": 5, "protocol": "grpc"},
-                           grpc_host(balancer), 5, during,
-                           backend={"max_connection_age_seconds": 1.0})
-    assert seen == [users]
+                           grpc_host(balancer), 5, backend={"max_connection_age_seconds": 1.0})
+    assert summary["connections"]["opened"] >= users
     closes = summary["connections"]["closed"]
     # grpc core jitters the age by +-10%, and the GOAWAY is noticed at the next call
     expected = users * summary["_seconds"] / 1.0
@@ -290,7 +285,7 @@ def test_grpc_connections_and_max_age(processes: Processes, tmp_path: Path) -> N
     total = sum(scrape(s.port)[("kpbench_connections_total", "grpc")] for s in servers)
     unanswered = total - summary["connections"]["opened"]
     assert 0 <= unanswered <= users + summary["requests"]["failed"], (total, summary)
-    wait_until(lambda: sum(active(servers, "grpc")) == 0)
+    wait_until(lambda: sum(active(servers, "grpc")) == 0, timeout=30)
 
 
 def test_grpc_sigterm_and_periodic_reconnect(processes: Processes, tmp_path: Path) -> None:
@@ -300,7 +295,8 @@ def test_grpc_sigterm_and_periodic_reconnect(processes: Processes, tmp_path: Pat
     victim_held: list[float] = []
 
     def during(_: subprocess.Popen[str]) -> None:
-        wait_until(lambda: sum(active(servers, "grpc")) == users)
+        # >=: a periodic reconnect may overlap its successor for a moment
+        wait_until(lambda: sum(active(servers, "grpc")) >= users)
         victim_held.append(active(servers, "grpc")[0])
         servers[0].process.send_signal(signal.SIGTERM)
         assert servers[0].process.wait(timeout=10) == 0
