@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kpbench.ipvs import scheduler_of
+
 IPVS_TIME_WAIT_SECONDS = 120.0
 IPVS_GRACEFUL_CHECK_SECONDS = 60.0
 SH_BUCKETS = 256
@@ -318,5 +320,5 @@ def make_selector(mode: str, rng: random.Random) -> Selector:
     if mode in ("iptables", "nftables"):
         return RandomSelector(rng)
     if mode.startswith("ipvs-"):
-        return IpvsSelector(mode.removeprefix("ipvs-"))
+        return IpvsSelector(scheduler_of(mode))
     raise ValueError(f"unknown mode {mode!r}")

@@ -194,6 +194,7 @@ def test_connections_are_read_from_the_ipvs_connection_table(kernel: FakeKernel,
                           ("198.18.0.200:40001", "198.19.0.99:80", f"{pod.ip}:8080")]
     lc_cell.read_conntrack(3.0)
     assert list(lc_cell.flows) == [(0, "198.18.0.200", 40000, pod.pod.name)]
+    lc_cell.sample_ipvs(3.0)
     rows = [r for r in lc_cell.ipvs_rows if r["node"] == "node-1"]
     assert {r["pod"] for r in rows} == {p.pod.name for p in lc_cell.pods}
 

@@ -122,6 +122,19 @@ def test_bad_workload_setting_is_one_line(tmp_path: Path, override: str, expecte
     assert "Traceback" not in done.stderr
 
 
+def test_users_cannot_override_scheduled_connections(tmp_path: Path) -> None:
+    config = write_experiment(tmp_path / "e.yaml", {"connections": 4},
+                              events=[{"at": 2, "action": "load", "connections": 8}])
+    done = subprocess.run(
+        [PYTHON, "-m", "kpbench.workload", "--config", str(config), "--host",
+         "http://127.0.0.1:9", "--users", "3"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("kpbench.workload: --users: the experiment's load events set "
+                                   "the connections over time")
+
+
 # -- HTTP ---------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ import jinja2
 import yaml
 
 from kpbench.config import L7_PROXY_REPLICAS, Experiment
+from kpbench.ipvs import scheduler_of
+from kpbench.workload.plan import spawn_rate
 
 MANIFESTS = Path(__file__).resolve().parent.parent.parent / "manifests"
 
@@ -77,7 +79,7 @@ def _documents(text: str) -> list[dict[str, Any]]:
 def proxy_mode_and_scheduler(mode: str) -> tuple[str, str | None]:
     """kpbench mode -> (kube-proxy mode, IPVS scheduler or None): `ipvs-lc` -> ("ipvs", "lc")."""
     if mode.startswith("ipvs-"):
-        return "ipvs", mode.removeprefix("ipvs-")
+        return "ipvs", scheduler_of(mode)
     return mode, None
 
 
@@ -167,14 +169,14 @@ def master_command(namespace: str, experiment: Experiment) -> list[str]:
     `load` events need nothing from outside: the locustfile follows their schedule."""
     workload = experiment.workload
     users = workload.connections
-    spawn_rate = users / workload.ramp_seconds if workload.ramp_seconds > 0 else users
     run_time = round(experiment.duration_seconds + LOCUST_RUN_TIME_MARGIN_SECONDS)
     return [
         "python", "-m", "locust", "-f", IMAGE_LOCUSTFILE, "--exit-code-on-error", "0",
         "--master", "--master-bind-port", str(LOCUST_MASTER_PORT),
         "--expect-workers", str(workload.clients), "--autostart", "--autoquit", "5",
         "--web-port", str(LOCUST_WEB_PORT), "--only-summary",
-        "-u", str(users), "-r", f"{max(spawn_rate, 0.001):g}", "-t", f"{run_time}s",
+        "-u", str(users), "-r", f"{spawn_rate(users, workload.ramp_seconds):g}",
+        "-t", f"{run_time}s",
         "--host", service_host(namespace, experiment),
         "--csv", f"{RESULTS_DIR}/locust", "--kpbench-summary", f"{RESULTS_DIR}/summary.json",
     ]

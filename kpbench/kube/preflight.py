@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kpbench.config import Experiment
+from kpbench.ipvs import scheduler_of
 from kpbench.kube.manifests import NODE_IMAGE, NODE_IMAGE_KIND_RELEASE, node_image_version
 
 KIND_INSTALL = "https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
@@ -103,7 +104,7 @@ def module_present(name: str, host: Host) -> bool:
 
 
 def missing_ipvs_modules(modes: Sequence[str], host: Host) -> list[str]:
-    schedulers = sorted({m.removeprefix("ipvs-") for m in modes if m.startswith("ipvs-")})
+    schedulers = sorted({scheduler_of(m) for m in modes if m.startswith("ipvs-")})
     if not schedulers:
         return []
     wanted = ["ip_vs", *(f"ip_vs_{s}" for s in schedulers)]

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from kpbench.ipvs import parse_ip_vs
+from kpbench.ipvs import parse_ip_vs, scheduler_of
 
 
 class DataplaneMismatch(RuntimeError):
@@ -72,7 +72,7 @@ def check_node(mode: str, node: str, tables: dict[str, str],
     seen: dict[str, Any] = {"node": node}
     services = parse_ip_vs(tables.get("ip_vs", ""))
     if mode.startswith("ipvs-"):
-        scheduler = mode.removeprefix("ipvs-")
+        scheduler = scheduler_of(mode)
         if not services:
             raise DataplaneMismatch(f"{node}: no IPVS virtual services in /proc/net/ip_vs "
                                     f"although kube-proxy should run in {mode}")

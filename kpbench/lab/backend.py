@@ -634,6 +634,8 @@ class LabCell:
                 "requests_total": scrape.requests, "cpu_millicores": pod.cpu_millicores,
             })
         self.read_conntrack(planned)
+        if self.scheduler is not None:
+            self.sample_ipvs(planned)
 
     @staticmethod
     def _get(url: str, timeout: float = 2.0) -> str | None:
@@ -643,17 +645,19 @@ class LabCell:
         except (urllib.error.URLError, OSError, ValueError):
             return None
 
-    def established(self, node: int, t: float) -> list[tuple[str, int, str]]:
-        """(client ip, client port, pod ip) of the service's established connections on `node`.
+    def sample_ipvs(self, t: float) -> None:
+        """Each node's real servers of the service, with weights and counts, for `ipvs.csv`."""
+        by_ip = self.names_by_ip()
+        for node in range(self.cfg.cluster.nodes):
+            text = self.ip_vs_text(self.topology.node_ns(node))
+            self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", text,
+                                                self.service_address, by_ip)
 
-        IPVS modes read the IPVS connection table (and record the real servers' weights and
-        counts for `ipvs.csv`); the others read conntrack.
-        """
+    def established(self, node: int) -> list[tuple[str, int, str]]:
+        """(client ip, client port, pod ip) of the service's established connections on `node`:
+        from the IPVS connection table in IPVS modes, else from conntrack."""
         namespace = self.topology.node_ns(node)
         if self.scheduler is not None:
-            by_ip = self.names_by_ip()
-            self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", self.ip_vs_text(namespace),
-                                                self.service_address, by_ip)
             return [(c.client.rsplit(":", 1)[0], int(c.client.rsplit(":", 1)[1]),
                      c.destination.rsplit(":", 1)[0])
                     for c in ipvs.parse_ip_vs_conn(self.ip_vs_text(namespace, "ip_vs_conn"))
@@ -668,7 +672,7 @@ class LabCell:
     def read_conntrack(self, t: float) -> None:
         by_ip = self.names_by_ip()
         for node in range(self.cfg.cluster.nodes):
-            for client_ip, port, pod_ip in self.established(node, t):
+            for client_ip, port, pod_ip in self.established(node):
                 key = (node, client_ip, port, by_ip.get(pod_ip, pod_ip))
                 seen = self.flows.setdefault(key, [t, t])
                 seen[1] = t
@@ -836,20 +840,16 @@ class LabCell:
             self.teardown_seconds = time.monotonic() - started
 
     def _teardown(self) -> None:
-        for process in self.locust:
+        processes = [*self.locust, *(p.process for p in self.pods),
+                     *(x.process for x in self.proxies)]
+        for process in processes:
             if process.poll() is None:
                 process.kill()
-        for pod in self.pods:
-            if pod.process.poll() is None:
-                pod.process.kill()
-        for proxy in self.proxies:
-            if proxy.process.poll() is None:
-                proxy.process.kill()
-            proxy.log.close()
-        for process in [*self.locust, *(p.process for p in self.pods),
-                        *(x.process for x in self.proxies)]:
+        for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
+        for proxy in self.proxies:
+            proxy.log.close()
         self.scraper.shutdown(wait=False, cancel_futures=True)
         self.topology.destroy()
         shutil.rmtree(self.workdir, ignore_errors=True)

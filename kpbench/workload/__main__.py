@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kpbench.config import ConfigError, load
+from kpbench.workload.plan import WorkloadPlan, spawn_rate
 
 EXIT_INVALID = 2
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -72,8 +73,7 @@ def locust_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     run_time = experiment.duration_seconds if args.run_time is None else args.run_time
     if users < 0:
         problems.append(f"--users: must be >= 0, got {users}")
-    if args.users is not None and any(e.action == "load" and e.connections is not None
-                                      for e in experiment.events):
+    if args.users is not None and WorkloadPlan.from_experiment(experiment).connection_changes:
         problems.append("--users: the experiment's load events set the connections over time")
     if not math.isfinite(run_time) or run_time <= 0:
         problems.append(f"--run-time: must be > 0, got {run_time:g}")
@@ -88,9 +88,9 @@ def locust_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         command += ["--worker", "--master-host", args.master_host,
                     "--master-port", str(args.master_port)]
     else:
-        spawn_rate = users / workload.ramp_seconds if workload.ramp_seconds > 0 else users
         command += ["--headless", "--only-summary", "-u", str(users),
-                    "-r", f"{max(spawn_rate, 0.001):g}", "-t", f"{max(1, round(run_time))}s",
+                    "-r", f"{spawn_rate(users, workload.ramp_seconds):g}",
+                    "-t", f"{max(1, round(run_time))}s",
                     "--host", args.host]
         if args.master:
             command += ["--master", "--expect-workers", str(args.expect_workers)]

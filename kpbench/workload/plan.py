@@ -37,6 +37,12 @@ SILENT_MAX_AGE_FRACTION = 0.9
 SUMMARY_FORMAT = "kpbench-workload-summary/1"
 
 
+def spawn_rate(users: int, ramp_seconds: float) -> float:
+    """The spawn rate that opens `users` connections evenly over `ramp_seconds` (0: at once)."""
+    rate = users / ramp_seconds if ramp_seconds > 0 and users else max(users, 1)
+    return max(rate, 0.001)
+
+
 @dataclass(frozen=True)
 class WorkloadPlan:
     """The parts of an experiment config that a load-generating process needs."""
@@ -112,9 +118,7 @@ class WorkloadPlan:
             if elapsed < at:
                 break
             users, change = value, abs(value - users)
-        ramp = self.ramp_seconds
-        rate = change / ramp if ramp > 0 and change else max(change, 1)
-        return users, max(rate, 0.001)
+        return users, spawn_rate(change, self.ramp_seconds)
 
     @property
     def request_limit(self) -> int | None:
