@@ -9,34 +9,26 @@ Rules / theory of operation (sources in the README's "Model" section):
   kube-proxy syncs, `endpoint_sync_seconds` after a change.
 * iptables: rule i of n matches with probability 1/(n-i), so every endpoint gets 1/n of new
   connections. nftables: `numgen random mod n vmap`, the same distribution from one draw.
-* IPVS: destinations are a list; new ones are inserted at the head. A removed TCP endpoint is
-  set to weight 0 and deleted once its active + inactive connections reach 0, checked every 60 s
-  (kube-proxy's graceful termination). Inactive = closed less than 120 s ago (TIME_WAIT).
-  - rr: a cursor moves to the next weight>0 destination in list order, wrapping.
-  - lc / wlc (all weights are 1): least `(active << 8) + inactive`, ties to the earliest in list
-    order (the most recently added). Kept in a heap, never a scan over all destinations.
-  - sh: 256 buckets filled round-robin from the list head (weight-0 destinations keep their
-    buckets), rebuilt on every change; bucket = hash_32 of the client IP only (kube-proxy sets no
-    sh-port flag). A bucket whose destination has weight 0 refuses the connection.
-  - mh: Maglev lookup table (prime size 4093) over weight>0 destinations, hashed on client IP and
-    port (kube-proxy sets mh-port). The permutation uses blake2b, not the kernel's siphash keys.
+* IPVS (`IpvsSelector`): each rule, with the kernel or kube-proxy source it follows, is in its
+  docstring; `kpbench.conformance` checks every decision and counter against a real kernel.
 * `pick` returns an endpoint id, or None when the data plane refuses the connection.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from kpbench.ipvs import scheduler_of
 
-IPVS_TIME_WAIT_SECONDS = 120.0
+IPVS_TIME_WAIT_SECONDS = 120.0  # TIME_WAIT (and FIN_WAIT) in ip_vs_proto_tcp.c
+IPVS_CLOSE_SECONDS = 10.0  # CLOSE, after a reset
+SERVER_PORT = 8080
 IPVS_GRACEFUL_CHECK_SECONDS = 60.0
 SH_BUCKETS = 256
 MH_TABLE_SIZE = 4093
@@ -49,7 +41,7 @@ class Selector(Protocol):
     def sync(self, serving: Sequence[int], now: float) -> None: ...
     def pick(self, client_ip: int, client_port: int, now: float) -> int | None: ...
     def opened(self, endpoint: int, now: float) -> None: ...
-    def closed(self, endpoint: int, now: float) -> None: ...
+    def closed(self, endpoint: int, now: float, reset: bool = False) -> None: ...
     def tick(self, now: float) -> None: ...
 
 
@@ -77,18 +69,21 @@ class RandomSelector:
     def opened(self, endpoint: int, now: float) -> None:
         pass
 
-    def closed(self, endpoint: int, now: float) -> None:
+    def closed(self, endpoint: int, now: float, reset: bool = False) -> None:
         pass
 
     def tick(self, now: float) -> None:
         pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Destination:
+    """One real server (`struct ip_vs_dest`): the same object across a delete and re-add."""
+
     endpoint: int
-    seq: int  # insertion order; list order is descending seq (new ones at the head)
+    seq: int  # list position: larger is nearer the head (new destinations go to the head)
     weight: int = 1
+    last_weight: int = 1  # the latest non-zero weight (`__ip_vs_update_dest`)
     active: int = 0
     inactive: int = 0
     version: int = 0
@@ -98,19 +93,68 @@ class Destination:
         return (self.active << 8) + self.inactive
 
 
-class IpvsSelector:
-    """One IPVS virtual server with kube-proxy's graceful termination; scheduler by name."""
+def endpoint_address(endpoint: int) -> tuple[int, int]:
+    """The (IPv4 address, port) the model gives an endpoint: 198.18.128.0 + id, port 8080."""
+    return (198 << 24) + (18 << 16) + (128 << 8) + endpoint, SERVER_PORT
 
-    def __init__(self, scheduler: str) -> None:
+
+class IpvsSelector:
+    """One IPVS virtual server with kube-proxy's graceful termination; scheduler by name.
+
+    Every rule follows the kernel (`net/netfilter/ipvs/`) or kube-proxy (kubernetes
+    `pkg/proxy/ipvs/`), and `kpbench.conformance` checks each decision and counter against a
+    real kernel:
+
+    * List (`ip_vs_ctl.c __ip_vs_update_dest`): a new destination is inserted at the head.
+      A deleted one (`__ip_vs_del_dest`) waits in the trash while connections are bound to it;
+      adding the same address again revives that object (`ip_vs_add_dest` ->
+      `ip_vs_trash_get_dest`) with its counters, at the head. Setting weight 0 keeps
+      `last_weight`.
+    * kube-proxy's sync (`proxier.go syncEndpoint`, `graceful_termination.go`): endpoints of
+      the sync are added in the order given (kube-proxy's map order); one that comes back
+      while quiesced is deleted and added again; then every endpoint that left is deleted if
+      it holds no connection, else quiesced at weight 0. The graceful pass (every
+      `graceful_check_seconds`, 60 s in kube-proxy) deletes quiesced destinations whose
+      active + inactive connections are 0.
+    * Counters (`ip_vs_proto_tcp.c`, `ip_vs_conn.c`): a connection is active from its SYN
+      (SYN_RECV and ESTABLISHED are active states); closing makes it inactive (CLOSE_WAIT /
+      FIN_WAIT, then TIME_WAIT) until it expires `IPVS_TIME_WAIT_SECONDS` later; a reset
+      makes it inactive (CLOSE) for `IPVS_CLOSE_SECONDS`.
+    * rr (`ip_vs_rr.c`): a cursor on the last chosen destination; the next pick is the first
+      weight > 0 destination after it in list order, wrapping through the head. Deleting the
+      cursor's destination moves the cursor to its predecessor, or to the head.
+    * lc / wlc (`ip_vs_lc.c`, `ip_vs_wlc.c`, all weights 1): the least
+      `(active << 8) + inactive` over weight > 0 destinations, ties to the first in list order.
+    * sh (`ip_vs_sh.c`): 256 buckets filled round-robin in list order, a weight-0 destination
+      still taking one bucket per round; bucket `hash_32(addr, 8)` of the client address
+      (kube-proxy sets no sh-port flag); a bucket whose destination has weight 0 refuses.
+    * mh (`ip_vs_mh.c`): a Maglev table of 4093 slots over the destinations with
+      `last_weight` > 0 (so a quiesced one keeps its slots), offsets and skips from `hsiphash`
+      with the kernel's fixed keys over each destination's address + port; the client is
+      looked up by address + source port (kube-proxy sets mh-port, no fallback); a slot whose
+      destination has weight 0 refuses.
+    """
+
+    def __init__(self, scheduler: str, *,
+                 address_of: Callable[[int], tuple[int, int]] = endpoint_address,
+                 graceful_check_seconds: float = IPVS_GRACEFUL_CHECK_SECONDS) -> None:
         if scheduler not in {"rr", "lc", "wlc", "sh", "mh"}:
             raise ValueError(f"unknown IPVS scheduler {scheduler!r}")
         self.scheduler = scheduler
         self._least = scheduler in ("lc", "wlc")
+        self._address_of = address_of
         self.dests: dict[int, Destination] = {}
+        self.trash: dict[int, Destination] = {}  # deleted, connections still bound
         self._next_seq = 0
-        self._time_wait: deque[tuple[float, int, int]] = deque()  # (expires, endpoint, seq)
-        self._next_graceful_check = IPVS_GRACEFUL_CHECK_SECONDS
-        # rr: seqs of weight>0 destinations (ascending) and the cursor (seq of the last pick).
+        self._next_version = 0
+        # Connections waiting to expire, each queue in time order: (expires, destination).
+        self._time_wait: deque[tuple[float, Destination]] = deque()
+        self._close: deque[tuple[float, Destination]] = deque()
+        self._graceful_period = graceful_check_seconds
+        self._next_graceful_check = graceful_check_seconds
+        # rr: seqs of listed destinations and of weight > 0 ones (ascending), the cursor's seq
+        # (None: the list head).
+        self._list_seqs: list[int] = []
         self._rr_seqs: list[int] = []
         self._rr_by_seq: dict[int, int] = {}
         self._rr_cursor: int | None = None
@@ -126,11 +170,19 @@ class IpvsSelector:
         """Endpoints in IPVS list order (head first), for tests and inspection."""
         return [d.endpoint for d in sorted(self.dests.values(), key=lambda d: -d.seq)]
 
+    def _bump(self, dest: Destination) -> None:
+        self._next_version += 1
+        dest.version = self._next_version
+
     def _add(self, endpoint: int) -> None:
-        dest = Destination(endpoint, self._next_seq)
+        dest = self.trash.pop(endpoint, None) or Destination(endpoint, 0)
+        dest.seq = self._next_seq
+        dest.weight = dest.last_weight = 1
         self._next_seq += 1
         self.dests[endpoint] = dest
-        self._rr_seqs.append(dest.seq)  # the largest seq: appending keeps the list sorted
+        # The largest seq: appending keeps both lists sorted.
+        self._list_seqs.append(dest.seq)
+        self._rr_seqs.append(dest.seq)
         self._rr_by_seq[dest.seq] = endpoint
         self._push(dest)
         self._dirty = True
@@ -142,19 +194,30 @@ class IpvsSelector:
             del self._rr_by_seq[dest.seq]
 
     def _delete(self, dest: Destination) -> None:
-        # rr_del_dest: the cursor keeps its seq; the next pick is the removed entry's successor.
+        index = bisect_left(self._list_seqs, dest.seq)
+        if self._rr_cursor == dest.seq:  # ip_vs_rr_del_dest: back to the predecessor
+            following = index + 1
+            self._rr_cursor = (self._list_seqs[following]
+                               if following < len(self._list_seqs) else None)
+        del self._list_seqs[index]
         self._unlist_rr(dest)
         del self.dests[dest.endpoint]
-        dest.version += 1
+        if dest.active + dest.inactive > 0:
+            self.trash[dest.endpoint] = dest
+        self._bump(dest)
+        self._dirty = True
+
+    def _quiesce(self, dest: Destination) -> None:
+        dest.weight = 0
+        self._bump(dest)
+        self._unlist_rr(dest)
         self._dirty = True
 
     def _push(self, dest: Destination) -> None:
         if self._least and dest.weight > 0:
-            dest.version += 1
+            self._bump(dest)
             heap = self._heap
-            heapq.heappush(
-                heap, ((dest.active << 8) + dest.inactive, -dest.seq, dest.endpoint, dest.version)
-            )
+            heapq.heappush(heap, (dest.overhead, -dest.seq, dest.endpoint, dest.version))
             if len(heap) > 4 * len(self.dests) + 64:
                 self._compact_heap()
 
@@ -167,47 +230,53 @@ class IpvsSelector:
         heapq.heapify(self._heap)
 
     def sync(self, serving: Sequence[int], now: float) -> None:
-        self._expire(now)
+        self.expire(now)
+        for endpoint in serving:
+            dest = self.dests.get(endpoint)
+            if dest is None:
+                self._add(endpoint)
+            elif dest.weight == 0:  # back from graceful termination: delete, add again
+                self._delete(dest)
+                self._add(endpoint)
         wanted = set(serving)
-        for endpoint in list(self.dests):
-            dest = self.dests[endpoint]
-            if endpoint not in wanted and dest.weight > 0:
+        for dest in list(self.dests.values()):
+            if dest.endpoint not in wanted and dest.weight > 0:
                 if dest.active + dest.inactive == 0:
                     self._delete(dest)
-                else:  # graceful termination: quiesce, delete once drained
-                    dest.weight = 0
-                    dest.version += 1
-                    self._unlist_rr(dest)
-                    self._dirty = True
-            elif endpoint in wanted and dest.weight == 0:
-                # MoveRSOutofGracefulDeleteList: delete, then add again below.
-                self._delete(dest)
-        for endpoint in serving:
-            if endpoint not in self.dests:
-                self._add(endpoint)
+                else:
+                    self._quiesce(dest)
         self.tick(now)
 
     def tick(self, now: float) -> None:
-        """kube-proxy's graceful-termination loop, every 60 s."""
+        """kube-proxy's graceful-termination loop, every `graceful_check_seconds`."""
         if now < self._next_graceful_check:
             return
-        self._expire(now)
         while self._next_graceful_check <= now:
-            self._next_graceful_check += IPVS_GRACEFUL_CHECK_SECONDS
+            self._next_graceful_check += self._graceful_period
+        self.graceful_pass(now)
+
+    def graceful_pass(self, now: float) -> None:
+        """Delete the quiesced destinations that no longer hold a connection."""
+        self.expire(now)
         for dest in list(self.dests.values()):
             if dest.weight == 0 and dest.active + dest.inactive == 0:
                 self._delete(dest)
 
     # -- connection accounting -------------------------------------------------------------------
 
-    def _expire(self, now: float) -> None:
-        time_wait = self._time_wait
-        while time_wait and time_wait[0][0] <= now:
-            _, endpoint, seq = time_wait.popleft()
-            dest = self.dests.get(endpoint)
-            if dest is not None and dest.seq == seq:
+    def expire(self, now: float) -> None:
+        """Count the connections whose IPVS entry has expired by `now` as gone."""
+        for queue in (self._time_wait, self._close):
+            while queue and queue[0][0] <= now:
+                _, dest = queue.popleft()
                 dest.inactive -= 1
-                self._push(dest)
+                if self.dests.get(dest.endpoint) is dest:
+                    self._push(dest)
+                elif dest.active + dest.inactive == 0 and self.trash.get(dest.endpoint) is dest:
+                    del self.trash[dest.endpoint]  # nothing holds it: the kernel frees it
+
+    def _holder(self, endpoint: int) -> Destination | None:
+        return self.dests.get(endpoint) or self.trash.get(endpoint)
 
     def opened(self, endpoint: int, now: float) -> None:
         dest = self.dests.get(endpoint)
@@ -217,17 +286,22 @@ class IpvsSelector:
         heap = self._heap
         if heap and heap[0][2] == endpoint and heap[0][3] == dest.version:
             # The usual lc case: the least-loaded destination was just picked; re-key it in place.
-            dest.version += 1
+            self._bump(dest)
             heapq.heapreplace(heap, (dest.overhead, -dest.seq, endpoint, dest.version))
         else:
             self._push(dest)
 
-    def closed(self, endpoint: int, now: float) -> None:
-        dest = self.dests.get(endpoint)
-        if dest is not None:
-            dest.active -= 1
-            dest.inactive += 1
-            self._time_wait.append((now + IPVS_TIME_WAIT_SECONDS, endpoint, dest.seq))
+    def closed(self, endpoint: int, now: float, reset: bool = False) -> None:
+        dest = self._holder(endpoint)
+        if dest is None:
+            return
+        dest.active -= 1
+        dest.inactive += 1
+        if reset:
+            self._close.append((now + IPVS_CLOSE_SECONDS, dest))
+        else:
+            self._time_wait.append((now + IPVS_TIME_WAIT_SECONDS, dest))
+        if self.dests.get(endpoint) is dest:
             self._push(dest)
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -236,8 +310,9 @@ class IpvsSelector:
         if self.scheduler == "rr":
             return self._pick_rr()
         if self._least:
-            if self._time_wait and self._time_wait[0][0] <= now:
-                self._expire(now)
+            if (self._time_wait and self._time_wait[0][0] <= now) or (
+                    self._close and self._close[0][0] <= now):
+                self.expire(now)
             return self._pick_lc()
         if self._dirty:
             self._rebuild_table()
@@ -246,8 +321,8 @@ class IpvsSelector:
         if self.scheduler == "sh":
             endpoint = self._table[sh_bucket(client_ip)]
         else:
-            endpoint = self._table[mh_slot(client_ip, client_port)]
-        return endpoint if self.dests[endpoint].weight > 0 else None
+            endpoint = self._table[mh_hash(client_ip, client_port, MH_KEY_1) % MH_TABLE_SIZE]
+        return endpoint if endpoint >= 0 and self.dests[endpoint].weight > 0 else None
 
     def _pick_rr(self) -> int | None:
         seqs = self._rr_seqs
@@ -276,7 +351,9 @@ class IpvsSelector:
                 [ordered[i % len(ordered)].endpoint for i in range(SH_BUCKETS)] if ordered else []
             )
         else:
-            self._table = maglev_table([d.endpoint for d in ordered if d.weight > 0])
+            self._table = maglev_table(
+                [(d.endpoint, *self._address_of(d.endpoint)) for d in ordered
+                 if d.last_weight > 0])
         self._dirty = False
 
 
@@ -285,32 +362,77 @@ def sh_bucket(client_ip: int, port: int = 0) -> int:
     return (((port + client_ip) * GOLDEN_RATIO_32) & 0xFFFFFFFF) >> 24
 
 
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+_MASK64 = (1 << 64) - 1
 
 
-def mh_slot(client_ip: int, client_port: int) -> int:
-    return _digest(f"{client_ip}:{client_port}") % MH_TABLE_SIZE
+def _rotl64(x: int, bits: int) -> int:
+    return ((x << bits) | (x >> (64 - bits))) & _MASK64
 
 
-def maglev_table(endpoints: Sequence[int]) -> list[int]:
-    """ip_vs_mh_populate: destinations take turns claiming their next preferred free slot."""
-    if not endpoints:
+def _sipround(v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, int, int]:
+    v0 = (v0 + v1) & _MASK64
+    v1 = _rotl64(v1, 13) ^ v0
+    v0 = _rotl64(v0, 32)
+    v2 = (v2 + v3) & _MASK64
+    v3 = _rotl64(v3, 16) ^ v2
+    v0 = (v0 + v3) & _MASK64
+    v3 = _rotl64(v3, 21) ^ v0
+    v2 = (v2 + v1) & _MASK64
+    v1 = _rotl64(v1, 17) ^ v2
+    v2 = _rotl64(v2, 32)
+    return v0, v1, v2, v3
+
+
+def hsiphash_u32(value: int, key: tuple[int, int]) -> int:
+    """`hsiphash(&value, 4, key)` on a 64-bit kernel (`lib/siphash.c hsiphash_1u32`).
+
+    There it is SipHash-1-3 over one final word `(4 << 56) | value`, truncated to 32 bits.
+    """
+    k0, k1 = key
+    v0, v1 = 0x736F6D6570736575 ^ k0, 0x646F72616E646F6D ^ k1
+    v2, v3 = 0x6C7967656E657261 ^ k0, 0x7465646279746573 ^ k1
+    b = (4 << 56) | (value & 0xFFFFFFFF)
+    v3 ^= b
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0 ^= b
+    v2 ^= 0xFF
+    for _ in range(3):
+        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    return (v0 ^ v1 ^ v2 ^ v3) & 0xFFFFFFFF
+
+
+# ip_vs_mh.c generate_hash_secret: fixed keys, not random ones.
+MH_KEY_1 = (2654435761, 2654435761)
+MH_KEY_2 = (2654446892, 2654446892)
+
+
+def mh_hash(address: int, port: int, key: tuple[int, int], offset: int = 0) -> int:
+    """ip_vs_mh_hashkey: hsiphash of `offset + port + address` (host order, 32-bit sum)."""
+    return hsiphash_u32((offset + port + address) & 0xFFFFFFFF, key)
+
+
+def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
+    """ip_vs_mh_populate for (endpoint, address, port) in list order, all weights 1.
+
+    Destinations take turns, in list order, claiming their next preferred free slot.
+    """
+    if not dests:
         return []
     size = MH_TABLE_SIZE
-    offsets = [_digest(f"offset:{e}") % size for e in endpoints]
-    skips = [_digest(f"skip:{e}") % (size - 1) + 1 for e in endpoints]
-    nexts = [0] * len(endpoints)
+    offsets = [mh_hash(a, p, MH_KEY_1) % size for _, a, p in dests]
+    skips = [mh_hash(a, p, MH_KEY_2) % (size - 1) + 1 for _, a, p in dests]
+    perms = offsets.copy()
     table = [-1] * size
     filled = 0
     while True:
-        for i, endpoint in enumerate(endpoints):
-            slot = (offsets[i] + nexts[i] * skips[i]) % size
+        for i, (endpoint, _, _) in enumerate(dests):
+            slot = perms[i]
             while table[slot] >= 0:
-                nexts[i] += 1
-                slot = (offsets[i] + nexts[i] * skips[i]) % size
+                slot += skips[i]
+                if slot >= size:
+                    slot -= size
+            perms[i] = slot
             table[slot] = endpoint
-            nexts[i] += 1
             filled += 1
             if filled == size:
                 return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -12,6 +13,7 @@ from kpbench.dataplane import (
     IPVS_TIME_WAIT_SECONDS,
     IpvsSelector,
     RandomSelector,
+    hsiphash_u32,
     iptables_probabilities,
     sh_bucket,
 )
@@ -106,14 +108,61 @@ def test_sh_hash_is_hash_32_of_the_address() -> None:
     assert sh_bucket(address) == ((address * 1640531527) % 2**32) >> 24
 
 
-def test_mh_spreads_ports_and_skips_quiesced_destinations() -> None:
+def test_mh_spreads_ports_and_a_quiesced_destination_keeps_its_slots() -> None:
     ipvs = IpvsSelector("mh")
     ipvs.sync([1, 2, 3], 0.0)
-    picks = Counter(ipvs.pick(7, port, 0.0) for port in range(3000))
-    assert set(picks) == {1, 2, 3} and min(picks.values()) > 800
+    before = {port: ipvs.pick(7, port, 0.0) for port in range(3000)}
+    counts = Counter(before.values())
+    assert set(counts) == {1, 2, 3} and min(counts.values()) > 800
     ipvs.opened(1, 0.0)
-    ipvs.sync([2, 3], 1.0)
-    assert {ipvs.pick(7, port, 1.0) for port in range(300)} == {2, 3}
+    ipvs.sync([2, 3], 1.0)  # 1 holds a connection: quiesced, its slots stay (last_weight)
+    after = {port: ipvs.pick(7, port, 1.0) for port in range(3000)}
+    assert all(after[p] is None for p in before if before[p] == 1)  # refused, no fallback
+    assert all(after[p] == before[p] for p in before if before[p] != 1)
+
+
+def test_hsiphash_matches_the_kernels_test_vector() -> None:
+    # lib/siphash_kunit.c: hsiphash_1u32(0x03020100) with key bytes 0..15 on 64-bit kernels.
+    assert hsiphash_u32(0x03020100, (0x0706050403020100, 0x0F0E0D0C0B0A0908)) == 0x88D38328
+
+
+def test_rr_cursor_on_a_deleted_head_moves_to_the_list_head() -> None:
+    # ip_vs_rr_del_dest: the cursor's destination was first in the list, so the cursor goes
+    # to the head and the next pick is whatever is first then: the endpoint added again.
+    ipvs = IpvsSelector("rr", graceful_check_seconds=math.inf)
+    ipvs.sync([1, 2, 3], 0.0)  # list: 3, 2, 1
+    assert ipvs.pick(0, 0, 0.0) == 3
+    ipvs.opened(3, 0.0)
+    ipvs.sync([1, 2], 1.0)  # 3 quiesced; the cursor stays on it
+    assert ipvs.pick(0, 0, 1.0) == 2
+    ipvs.opened(2, 1.0)
+    assert ipvs.pick(0, 0, 1.0) == 1
+    ipvs.opened(1, 1.0)
+    ipvs.sync([1, 2, 4], 2.0)  # 4 added at the head: 4, 3(w0), 2, 1; cursor on 1
+    assert ipvs.pick(0, 0, 2.0) == 4
+    ipvs.sync([1, 2, 4, 3], 3.0)  # 3 back: deleted and re-added at the head
+    assert ipvs.list_order() == [3, 4, 2, 1]
+    assert ipvs.pick(0, 0, 3.0) == 2  # the cursor was on 4, so 2 follows
+
+
+def test_a_returning_destination_keeps_its_counters_from_the_trash() -> None:
+    # ip_vs_add_dest -> ip_vs_trash_get_dest: the same object comes back with its counters.
+    ipvs = IpvsSelector("lc", graceful_check_seconds=math.inf)
+    ipvs.sync([1, 2], 0.0)
+    for endpoint in (2, 2, 1):
+        ipvs.opened(endpoint, 0.0)
+    ipvs.sync([1], 1.0)  # 2 quiesced with 2 connections
+    ipvs.sync([1, 2], 2.0)  # back: deleted and re-added
+    dest = ipvs.dests[2]
+    assert (dest.weight, dest.active, dest.inactive) == (1, 2, 0)
+    assert ipvs.pick(0, 0, 2.0) == 1  # 1 holds fewer connections
+    ipvs.closed(2, 3.0, reset=True)
+    ipvs.closed(2, 3.0)
+    assert (dest.active, dest.inactive) == (0, 2)
+    ipvs.expire(13.5)  # a reset entry lives 10 s (CLOSE), a closed one 120 s (TIME_WAIT)
+    assert dest.inactive == 1
+    ipvs.expire(123.5)
+    assert dest.inactive == 0
 
 
 def test_unknown_scheduler() -> None:

@@ -417,7 +417,7 @@ class Simulation:
             self.open_clock_sum[pod] -= opened_clock
             self.active[pod] -= 1
             self.users_on[pod].discard(user)
-            self.selectors[self.user_node[user]].closed(pod, now)
+            self.selectors[self.user_node[user]].closed(pod, now, reset=reason == "reset")
         else:
             self.advance_proxy_clock(now)
             self.connected_users -= 1

@@ -1,0 +1,96 @@
+"""The kernel VM: command line, preflight, and real boots of the stock kernel under QEMU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kpbench import vm
+
+VM_PROBLEM = vm.preflight()
+needs_vm = pytest.mark.skipif(VM_PROBLEM is not None, reason=str(VM_PROBLEM))
+
+
+def test_qemu_gets_no_network_and_a_read_only_root(tmp_path: Path) -> None:
+    kernel = vm.Kernel("6.1.0-test", Path("/boot/vmlinuz-6.1.0-test"))
+    args = vm.qemu_argv(kernel=kernel, initramfs=tmp_path / "i", share=tmp_path,
+                        console_log=tmp_path / "c", accel="tcg", memory_mib=512, cpus=2,
+                        name="kpbench-vm-1")
+    assert args[args.index("-nic") + 1] == "none" and "-nodefaults" in args
+    fsdevs = [args[i + 1] for i, a in enumerate(args) if a == "-fsdev"]
+    assert "path=/,readonly=on" in fsdevs[0] and f"path={tmp_path}," in fsdevs[1]
+    assert "readonly" not in fsdevs[1]
+    assert "kvm" not in " ".join(args)
+    assert args[args.index("-accel") + 1].startswith("tcg")
+
+
+def test_preflight_names_every_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(vm, "installed_kernels", lambda: [])
+    assert vm.preflight() == ("the kernel VM needs Debian packages that are not installed: "
+                              "apt-get install qemu-system-x86 busybox-static cpio "
+                              "linux-image-amd64")
+
+
+def test_kernels_are_ordered_newest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for release in ("6.1.0-9-amd64", "6.1.0-57-amd64", "5.10.0-30-amd64"):
+        (tmp_path / f"vmlinuz-{release}").touch()
+    monkeypatch.setattr(vm.Path, "exists", lambda self: True)
+    assert [k.release for k in vm.installed_kernels(tmp_path)] == [
+        "6.1.0-57-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"]
+
+
+@needs_vm
+def test_a_command_runs_in_the_stock_kernel_with_ipvs_and_no_network() -> None:
+    lines: list[str] = []
+    script = ("uname -r; modprobe ip_vs && test -e /proc/net/ip_vs && echo ipvs-ok; "
+              "ls /sys/class/net; touch /usr/written-in-guest; exit 3")
+    result = vm.run(["sh", "-c", script], accel="tcg", timeout=240, on_output=lines.append)
+    assert result.exit_status == 3 and result.accel == "tcg"
+    assert lines[0] == result.kernel_release == vm.default_kernel().release
+    assert "ipvs-ok" in lines
+    assert lines[lines.index("ipvs-ok") + 1:] == ["lo"]  # no network device but loopback
+    assert not Path("/usr/written-in-guest").exists()  # the host's root is read-only to it
+    assert vm.leftover_processes() == []
+
+
+def _our_qemu(owner: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"{vm.MARKER}-{owner}".encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+@needs_vm
+def test_a_timeout_leaves_no_qemu_behind() -> None:
+    with pytest.raises(vm.VmError, match="did not finish within 5 s"):
+        vm.run(["sleep", "600"], accel="tcg", timeout=5)
+    assert _our_qemu(os.getpid()) == []
+
+
+@needs_vm
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_a_signalled_caller_leaves_no_qemu_behind(signum: int) -> None:
+    caller = subprocess.Popen([sys.executable, "-c", (
+        "from kpbench import vm; vm.run(['sleep', '600'], accel='tcg', timeout=600)")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not _our_qemu(caller.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _our_qemu(caller.pid), "QEMU did not start"
+    caller.send_signal(signum)
+    caller.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _our_qemu(caller.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _our_qemu(caller.pid) == []
