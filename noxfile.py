@@ -77,6 +77,13 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "kpbench.bench", *session.posargs)
 
 
+@nox.session(name="kernel-conformance", default=False)
+def kernel_conformance(session: nox.Session) -> None:
+    """The IPVS model against a stock kernel's IPVS in QEMU; exits 0 only if they agree."""
+    _install(session)
+    session.run("python", "-m", "kpbench.conformance.run", *session.posargs)
+
+
 @nox.session(name="e2e-kind", default=False)
 def e2e_kind(session: nox.Session) -> None:
     """End-to-end test on real kind clusters; skips, with the reason, without Docker or kind."""

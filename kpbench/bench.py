@@ -8,6 +8,9 @@ memory are the run's (`kpbench run --no-report`); "report s" is rendering its re
 Lab (root only): setup and teardown of a 12-pod cell, the most long-lived connections the lab
 holds at 1 request/s with under 1% failed connects, and the lateness of the sample clock.
 Workload: connections one Locust worker process holds, server CPU per 1,000 requests.
+VM: boot-to-exit time of the kernel VM running `true` (median of 3, with the acceleration it
+chose), and the IPVS conformance run's compared decisions per second of guest work (one
+scenario per scheduler; its waits for IPVS timeouts are not counted).
 """
 
 from __future__ import annotations
@@ -170,11 +173,45 @@ def run_lab_cases(console: Console) -> dict[str, Any]:
     return figures
 
 
+VM_BOOTS = 3
+
+
+def run_vm_cases(console: Console) -> dict[str, Any]:
+    """Boot time of the kernel VM and the conformance suite's decisions per second."""
+    import statistics
+
+    from kpbench import vm
+    from kpbench.conformance.replay import summarise
+    from kpbench.conformance.run import conform, run_in_vm
+    from kpbench.conformance.scenarios import make_plan
+
+    problem = vm.preflight()
+    if problem:
+        console.print(f"vm benchmark: skipped ({problem})")
+        return {}
+    kernel = vm.default_kernel()
+    boots = [vm.run(["true"], kernel=kernel) for _ in range(VM_BOOTS)]
+    boot = statistics.median(b.seconds for b in boots)
+    plan = make_plan(seed=1, per_scheduler=1)
+    with tempfile.TemporaryDirectory(prefix="kpbench-bench-") as folder:
+        trace, _ = run_in_vm(plan, Path(folder), Console(quiet=True), timeout=900)
+    working = sum(p["end"] - p["start"] for p in trace["phases"].values())
+    decisions = sum(row["decisions"] for row in summarise(conform(plan, trace)).values())
+    figures = {"boot_seconds": boot, "accel": boots[0].accel, "kernel": kernel.release,
+               "decisions_per_second": decisions / working}
+    console.print(
+        f"kernel VM ({kernel.release}, {boots[0].accel}): boot to exit {boot:.1f} s (median "
+        f"of {VM_BOOTS}: {', '.join(f'{b.seconds:.1f}' for b in boots)}); IPVS conformance: "
+        f"{decisions} decisions in {working:.1f} s of guest work, "
+        f"{figures['decisions_per_second']:.1f} decisions/s")
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kpbench.bench", description=__doc__)
     parser.add_argument("--one", type=Path, help="measure one config in this process (internal)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--only", choices=["sim", "lab", "workload"], default=None)
+    parser.add_argument("--only", choices=["sim", "lab", "workload", "vm"], default=None)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.overrides)))
@@ -184,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         run_sim_cases(console)
     if args.only in (None, "lab"):
         run_lab_cases(console)
+    if args.only in (None, "vm"):
+        run_vm_cases(console)
     if args.only in (None, "workload"):
         try:
             from kpbench.workload import bench as workload_bench

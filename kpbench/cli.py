@@ -185,6 +185,11 @@ def cmd_clean(err: Console) -> int:
         removed = []  # no iproute2: there cannot be lab namespaces
     err.print(f"clean: removed {len(removed)} lab namespaces" + (
         f" ({', '.join(removed)})" if removed else ""))
+    from kpbench.vm import kill_leftovers
+
+    vms = kill_leftovers()
+    err.print(f"clean: stopped {len(vms)} kernel VMs whose kpbench process was gone" + (
+        f" (pids {', '.join(map(str, vms))})" if vms else ""))
     if docker_and_kind() is None:
         from kpbench.kube.cluster import ClusterError, KindCli
 

@@ -19,6 +19,7 @@ and is killed on every exit path; `leftover_processes` finds any that did anyway
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gzip
 import hashlib
@@ -161,7 +162,7 @@ def qemu_argv(*, kernel: Kernel, initramfs: Path, share: Path, console_log: Path
         QEMU, "-name", name, *accel_args, "-m", f"{memory_mib}M", "-smp", str(cpus),
         "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
         "-kernel", str(kernel.image), "-initrd", str(initramfs), "-append", cmdline,
-        "-fsdev", f"local,id=root,path=/,readonly=on,security_model=none,multidevs=remap",
+        "-fsdev", "local,id=root,path=/,readonly=on,security_model=none,multidevs=remap",
         "-device", f"virtio-9p-pci,fsdev=root,mount_tag={ROOT_TAG}",
         "-fsdev", f"local,id=share,path={share},security_model=none,multidevs=remap",
         "-device", f"virtio-9p-pci,fsdev=share,mount_tag={SHARE_TAG}",
@@ -338,10 +339,8 @@ def _boot(args: list[str], timeout: float, on_output: Callable[[str], None] | No
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()
 
 
@@ -363,8 +362,6 @@ def leftover_processes() -> list[int]:
 def kill_leftovers() -> list[int]:
     pids = leftover_processes()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return pids

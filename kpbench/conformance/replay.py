@@ -10,10 +10,11 @@ connection's client address and port, each close or reset. It is compared with t
 
 After a decision the model follows the kernel's choice (its counters count the connection where
 the kernel put it), so that one disagreement is not counted again in every later step. A step
-is left uncompared when a connection's expiry deadline in the model falls between
-`EARLY_SLACK_SECONDS` before it and `LATE_SLACK_SECONDS` after it: the kernel's timer wheel
+is left uncompared when a connection's expiry deadline in the model falls from
+`LATE_SLACK_SECONDS` before it to `EARLY_SLACK_SECONDS` after it: the kernel's timer wheel
 (`kernel/time/timer.c`) fires a timer never early but up to one granule late, and at HZ=250 a
-120 s timeout sits on the level whose granule is 512 jiffies (2.05 s); a scenario in which the kernel dropped a returning server's connections
+120 s timeout sits on the level whose granule is 512 jiffies (2.05 s).
+A scenario in which the kernel dropped a returning server's connections
 (expire_nodest_conn's deferred work, won by the re-add on real hardware) is compared up to that
 step only.
 """
