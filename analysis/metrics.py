@@ -59,8 +59,9 @@ def end_window(duration: float) -> float:
     return duration * (1 - END_FRACTION)
 
 
-def failed_counts(events: pd.DataFrame) -> pd.Series:
-    failed = events[events["event"] == "connection_failed"]
+def event_counts(events: pd.DataFrame, name: str) -> pd.Series:
+    """Per cell, the total of `name` events (each counts its detail's `count`, default 1)."""
+    matching = events[events["event"] == name]
 
     def count(detail: str) -> int:
         try:
@@ -68,8 +69,12 @@ def failed_counts(events: pd.DataFrame) -> pd.Series:
         except (ValueError, AttributeError):
             return 1
 
-    counts = failed["detail"].map(count).astype("int64")
-    return counts.groupby(failed["cell_id"], observed=True).sum()
+    counts = matching["detail"].map(count).astype("int64")
+    return counts.groupby(matching["cell_id"], observed=True).sum()
+
+
+def failed_counts(events: pd.DataFrame) -> pd.Series:
+    return event_counts(events, "connection_failed")
 
 
 def ready_times(samples: pd.DataFrame, events: pd.DataFrame) -> pd.Series:
@@ -106,11 +111,12 @@ def cell_metrics(
     window = end_window(duration)
     readiness = ready_times(samples, events)
     failed = failed_counts(events)
-    resets = (
-        connections[connections["close_reason"].astype(str) == "reset"]
-        .groupby("cell_id", observed=True).size()
-        if len(connections) else pd.Series(dtype=int)
-    )
+    # resets: closed connections with reason `reset`, or (kind, cluster: no connection table)
+    # the workload's total as a `connection_reset` event
+    resets = event_counts(events, "connection_reset")
+    if len(connections):
+        closed = connections[connections["close_reason"].astype(str) == "reset"]
+        resets = resets.add(closed.groupby("cell_id", observed=True).size(), fill_value=0)
     rows = []
     for cell in cells:
         cell_id = cell["cell_id"]

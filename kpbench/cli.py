@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-cluster", action="store_true",
                      help="kind: keep the clusters after the run")
     run.add_argument("--kubeconfig", type=Path, default=None, help="cluster: the kubeconfig")
+    run.add_argument("--dry-run", action="store_true",
+                     help="kind: write the kind configs, manifests and commands the run would "
+                          "apply into a folder under --out, and create nothing")
 
     report = commands.add_parser("report", help="render a report from results folders")
     report.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR")
@@ -91,14 +93,37 @@ def print_summary(run_path: Path, console: Console) -> None:
         console.print(f"  {cell['cell_id']}: {cell['status']} — {cell.get('error') or ''}")
 
 
+def cmd_dry_run(args: argparse.Namespace, experiments: list[Experiment], out: Console) -> int:
+    """`kpbench run --backend kind --dry-run`: write what the run would apply, run nothing."""
+    from kpbench.kube.backend import dry_run_problems
+    from kpbench.kube.dryrun import write_dry_run
+    from kpbench.kube.preflight import problems_line
+
+    if args.backend != "kind":
+        raise UsageError(f"--dry-run: only with --backend kind (got --backend {args.backend})")
+    for experiment in experiments:
+        problems = dry_run_problems(experiment)
+        if problems:
+            raise PreflightError(problems_line("kind", problems))
+    folders = [write_dry_run(e, args.out, args.keep_cluster) for e in experiments]
+    for folder in folders:
+        out.print(f"dry run: nothing created; what the run would apply is in {folder}")
+    print(folders[-1], flush=True)
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     experiments = [load(path, args.overrides, args.seeds) for path in args.configs]
+    if args.dry_run:
+        return cmd_dry_run(args, experiments, out)
     backend, note = resolve(args.backend, keep_cluster=args.keep_cluster,
                             kubeconfig=args.kubeconfig)
     for experiment in experiments:
         backend.preflight(experiment)
     if note:
         err.print(f"[cyan]{note}[/cyan]")
+    for warning in getattr(backend, "warnings", []):
+        err.print(f"[yellow]warning: {warning}[/yellow]")
     code = EXIT_OK
     paths: list[Path] = []
     for experiment in experiments:
@@ -192,8 +217,10 @@ def cmd_clean(err: Console) -> int:
         f" (pids {', '.join(map(str, vms))})" if vms else ""))
     if docker_and_kind() is None:
         from kpbench.kube.cluster import ClusterError, KindCli
+        from kpbench.kube.preflight import Host, container_engine
 
-        cli = KindCli("docker" if shutil.which("docker") else "podman")
+        engine = container_engine(Host())
+        cli = KindCli(engine[0] if engine else "docker")
         try:
             clusters = cli.kpbench_clusters()
             for name in clusters:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
+import json
+import re
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from kpbench.kube.driver import LIST_RESULTS, STOP_LOCUST
+from kpbench.kube.driver import LIST_RESULTS, SHOW_SERVERS, STOP_LOCUST
 
 SERVICE_IP = "10.96.0.10"
 
@@ -49,7 +51,8 @@ class FakeClock:
 class InMemoryKubeDouble:
     """`KubeApi` over dicts; records every mutating call in `calls`."""
 
-    def __init__(self, nodes: int = 3, proxy_mode: str = "iptables", scheduler: str = "") -> None:
+    def __init__(self, nodes: int = 3, proxy_mode: str = "iptables", scheduler: str = "",
+                 metrics_after: int = 0) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.changes: list[tuple[str, str, dict[str, Any]]] = []
@@ -61,6 +64,8 @@ class InMemoryKubeDouble:
         self.revision = 1
         self.locust_stopped = False
         self.active_per_pod = 10
+        self.metrics_after = metrics_after  # NodeMetrics listings before metrics-server answers
+        self.summary = {"connections": {"opened": 12, "failed": 2, "closed": {"reset": 3}}}
         conf = f"mode: {proxy_mode}\n" + (f"ipvs:\n  scheduler: {scheduler}\n" if scheduler else "")
         self.objects[("ConfigMap", "kube-system", "kube-proxy")] = {
             "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
@@ -114,7 +119,7 @@ class InMemoryKubeDouble:
         selector = ",".join(f"{k}={v}" for k, v in labels.items()
                             if k == "app.kubernetes.io/name")
         current = self.pods(namespace, selector)
-        wanted = deployment["spec"]["replicas"]
+        wanted = deployment["spec"].get("replicas", 1)
         for pod in current[wanted:]:
             self._remove_pod(namespace, pod["metadata"]["name"])
         for _ in range(wanted - len(current)):
@@ -149,6 +154,16 @@ class InMemoryKubeDouble:
     def list_objects(self, kind: str, namespace: str,
                      selector: str = "") -> list[dict[str, Any]]:
         with self.lock:
+            if kind == "Node":
+                return [{"metadata": {"name": name}} for name in ["control-plane",
+                                                                  *self.node_names]]
+            if kind == "NodeMetrics":
+                self.calls.append(("list", "NodeMetrics"))
+                if self.metrics_after > 0:
+                    self.metrics_after -= 1
+                    return []
+                return [{"metadata": {"name": name}, "usage": {"cpu": "100m"}}
+                        for name in ["control-plane", *self.node_names]]
             if kind == "PodMetrics":
                 return [{"metadata": {"name": p["metadata"]["name"]},
                          "containers": [{"name": "server", "usage": {"cpu": "25000000n"}}]}
@@ -212,12 +227,29 @@ class InMemoryKubeDouble:
                 master["status"]["containerStatuses"] = [
                     {"name": "locust", "state": {"terminated": {"exitCode": 0}}}]
                 return ""
+            if command == SHOW_SERVERS:
+                return self.servers_state(namespace)
             if command == LIST_RESULTS:
                 files = {"locust_stats.csv": b"Type,Name\n,Aggregated\n",
-                         "summary.json": b'{"connections": {"opened": 12, "failed": 2}}'}
+                         "summary.json": json.dumps(self.summary).encode()}
                 return "".join(f"{name}\n{base64.b64encode(content).decode()}\n"
                                for name, content in files.items())
             return ""
+
+    def servers_state(self, namespace: str) -> str:
+        """`show servers state backend` of an HAProxy that resolved every backend pod."""
+        lines = ["1", "# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
+                 "srv_uweight srv_iweight srv_time_since_last_change srv_check_status "
+                 "srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id "
+                 "srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port "
+                 "srv_check_addr srv_agent_addr srv_agent_port"]
+        config = self.objects[("ConfigMap", namespace, "l7-proxy")]["data"]["haproxy.cfg"]
+        port = re.search(r"server-template \S+ \S+ \S+:(\d+)", config).group(1)  # type: ignore[union-attr]
+        pods = self.pods(namespace, "app.kubernetes.io/name=backend")
+        for slot, pod in enumerate(pods, start=1):
+            lines.append(f"3 backend {slot} pod{slot} {pod['status']['podIP']} 2 0 1 1 0 1 0 0 "
+                         f"8 0 0 0 - {port} - 0 0 - - 0")
+        return "\n".join(lines) + "\n"
 
     def watch(self, kind: str, namespace: str, selector: str,
               timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:

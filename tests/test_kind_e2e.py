@@ -1,9 +1,10 @@
 """End-to-end on real kind clusters (`nox -s e2e-kind`): two modes, one seed, 90 seconds.
 
-Needs a running Docker (or podman) engine, `kind` and `kubectl` on PATH, and internet access for
-the node, metrics-server and Envoy images. Where they are missing the test is skipped with the
-reason. It creates two kind clusters (`kpbench-iptables-*`, `kpbench-nftables-*`), deletes them at
-the end, and takes roughly 10-15 minutes (cluster creation dominates).
+Needs a running Docker (or podman) engine and kind >= v0.27 on PATH (the host checks of kind's
+preflight decide the skip, so it never disagrees with a run), and internet access for the node,
+metrics-server and HAProxy images. Where they are missing the test is skipped with the reason.
+It creates two kind clusters (`kpbench-iptables-*`, `kpbench-nftables-*`), one after the other,
+deletes each after its mode, and takes roughly 10-15 minutes (cluster creation dominates).
 """
 
 from __future__ import annotations

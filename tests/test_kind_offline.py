@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,19 +19,36 @@ import pandas as pd
 import pytest
 import yaml
 
-from kpbench.backends import PreflightError
-from kpbench.config import ALL_MODES, Cell, Experiment, expand_cells, load, validate
+from analysis.metrics import cell_metrics
+from kpbench import haproxy
+from kpbench.backends import PreflightError, docker_and_kind
+from kpbench.config import (
+    ALL_MODES,
+    L7_PROXY_REPLICAS,
+    Cell,
+    Experiment,
+    expand_cells,
+    load,
+    validate,
+)
 from kpbench.kube import manifests
-from kpbench.kube.backend import ClusterBackend, KindBackend, workload_problems
+from kpbench.kube.backend import (
+    ClusterBackend,
+    ClusterSetupError,
+    KindBackend,
+    wait_for_node_metrics,
+    workload_problems,
+)
 from kpbench.kube.cluster import ClusterError, KindCli
 from kpbench.kube.driver import RESTARTED_AT, KubeCell, decode_results
-from kpbench.kube.preflight import Host, kind_problems
+from kpbench.kube.preflight import KIND_DEFAULT_NODE_IMAGES, Host, kind_problems
 from kpbench.kube.verify import (
     DataplaneMismatch,
     check_node,
     iptables_service_chains,
     kube_proxy_settings,
 )
+from kpbench.lab import l7
 from kpbench.results import SAMPLE_COLUMNS
 
 from .conftest import EXPERIMENTS, REPOSITORY
@@ -92,14 +111,57 @@ def test_cluster_names_hash_what_defines_the_cluster() -> None:
     assert manifests.ClusterSpec.for_mode(base, "ipvs-rr").name.startswith("kpbench-ipvs-rr-")
 
 
-def test_hpa_settings_patch_the_controller_manager_only_when_not_default() -> None:
+def kind_renders_cluster_configuration(api_version: str) -> dict[str, Any]:
+    """The ClusterConfiguration kind renders (pkg/cluster/internal/kubeadm/config.go), reduced to
+    controllerManager.extraArgs in each version's shape: v1beta3 a map, v1beta4 a name/value
+    list."""
+    args: Any = {"enable-hostpath-provisioner": "true"}
+    if api_version.endswith("v1beta4"):
+        args = [{"name": k, "value": v} for k, v in args.items()]
+    return {"apiVersion": api_version, "kind": "ClusterConfiguration",
+            "controllerManager": {"extraArgs": args}}
+
+
+def apply_kind_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any] | None:
+    """kind's documented patch rules (pkg/internal/patch/resource.go, kubeadm_merge.go): a patch
+    applies when its kind matches and its apiVersion matches or is omitted, else it is silently
+    ignored (None); an extraArgs map in a patch without apiVersion is merged into a v1beta4
+    name/value list."""
+    if patch["kind"] != target["kind"] or patch.get("apiVersion", target["apiVersion"]) != \
+            target["apiVersion"]:
+        return None
+    merged = json.loads(json.dumps(target))
+    extra = patch["controllerManager"]["extraArgs"]
+    current = merged["controllerManager"]["extraArgs"]
+    if isinstance(current, list):
+        assert "apiVersion" not in patch or isinstance(extra, list)
+        pairs = extra.items() if isinstance(extra, dict) else [(a["name"], a["value"])
+                                                                 for a in extra]
+        for name, value in pairs:
+            current[:] = [a for a in current if a["name"] != name] + [{"name": name,
+                                                                        "value": value}]
+    else:
+        current.update(extra)
+    return merged
+
+
+@pytest.mark.parametrize("kubeadm_version", ["kubeadm.k8s.io/v1beta3", "kubeadm.k8s.io/v1beta4"])
+def test_hpa_settings_reach_the_controller_manager_in_either_kubeadm_version(
+        kubeadm_version: str) -> None:
     hpa = {"min_replicas": 2, "max_replicas": 8, "sync_seconds": 5}
     config = experiment(backend={"replicas": 2, "hpa": hpa})
     document = yaml.safe_load(manifests.ClusterSpec.for_mode(config, "iptables").kind_config())
     patches = [yaml.safe_load(p) for p in document["kubeadmConfigPatches"]]
-    assert patches[1]["apiVersion"] == "kubeadm.k8s.io/v1beta3"
-    assert patches[1]["controllerManager"]["extraArgs"] == {
-        "horizontal-pod-autoscaler-sync-period": "5s"}
+    (patch,) = [p for p in patches if p["kind"] == "ClusterConfiguration"]
+    merged = apply_kind_patch(kind_renders_cluster_configuration(kubeadm_version), patch)
+    assert merged is not None, f"kind would ignore the patch for {kubeadm_version}"
+    args = merged["controllerManager"]["extraArgs"]
+    found = args if isinstance(args, dict) else {a["name"]: a["value"] for a in args}
+    assert found == {"enable-hostpath-provisioner": "true",
+                     "horizontal-pod-autoscaler-sync-period": "5s"}
+
+
+def test_hpa_settings_patch_the_controller_manager_only_when_not_default() -> None:
     default = experiment(backend={"replicas": 2, "hpa": {"max_replicas": 8}})
     assert len(yaml.safe_load(manifests.ClusterSpec.for_mode(
         default, "iptables").kind_config())["kubeadmConfigPatches"]) == 1
@@ -200,26 +262,73 @@ def test_metrics_server_is_pinned_and_insecure_tls_for_kind() -> None:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_envoy_config_has_the_fields_it_needs(protocol: str) -> None:
+def test_kind_proxy_is_haproxy_with_the_labs_settings(protocol: str, tmp_path: Path) -> None:
     config = experiment(workload={"proxy": "l7", "protocol": protocol})
-    envoy = yaml.safe_load(manifests.envoy_config("ns1", config))
-    (listener,) = envoy["static_resources"]["listeners"]
-    assert listener["address"]["socket_address"]["port_value"] == manifests.ENVOY_PROXY_PORT
-    (manager,) = listener["filter_chains"][0]["filters"]
-    typed = manager["typed_config"]
-    assert typed["@type"].endswith("http_connection_manager.v3.HttpConnectionManager")
-    assert typed["http_filters"][-1]["name"] == "envoy.filters.http.router"
-    route = typed["route_config"]["virtual_hosts"][0]["routes"][0]
-    assert route["route"]["cluster"] == "backend"
-    (cluster,) = envoy["static_resources"]["clusters"]
-    assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == "ROUND_ROBIN"
-    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    address = endpoint["address"]["socket_address"]
-    assert address["address"] == "backend-pods.ns1.svc.cluster.local"
-    assert address["port_value"] == (manifests.GRPC_PORT if protocol == "grpc"
-                                     else manifests.HTTP_PORT)
-    assert ("typed_extension_protocol_options" in cluster) == (protocol == "grpc")
-    assert envoy["admin"]["address"]["socket_address"]["port_value"] == manifests.ENVOY_ADMIN_PORT
+    documents = manifests.l7_proxy_manifests("ns1", config)
+    kinds = {d["kind"]: d for d in documents}
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == manifests.HAPROXY_IMAGE
+    assert re.fullmatch(r"haproxy:2\.6\.\d+", manifests.HAPROXY_IMAGE)  # pinned, as in the lab
+    assert kinds["Deployment"]["spec"]["replicas"] == L7_PROXY_REPLICAS
+    assert not any("envoy" in json.dumps(d).lower() for d in documents)
+    text = kinds["ConfigMap"]["data"]["haproxy.cfg"]
+    port = manifests.GRPC_PORT if protocol == "grpc" else manifests.HTTP_PORT
+    assert (f"server-template pod 1-{haproxy.SERVER_SLOTS} "
+            f"backend-pods.ns1.svc.cluster.local:{port} resolvers cluster") in text
+    # one configuration source: the lab's file differs only where the servers come from
+    lab = l7.haproxy_config(protocol, manifests.PROXY_PORT, port, haproxy.SERVER_SLOTS,
+                            Path(manifests.HAPROXY_RUNTIME_SOCKET))
+    kind_only = set(text.splitlines()) - set(lab.splitlines())
+    lab_only = set(lab.splitlines()) - set(text.splitlines())
+    assert all(line.startswith(("resolvers ", "    parse-resolv-conf", "    accepted_payload",
+                                "    timeout resolve", "    timeout retry", "    hold valid",
+                                "    server-template ")) for line in kind_only), kind_only
+    assert [line.split()[0] for line in lab_only] == ["server-template"]
+    assert f"    nbthread {haproxy.THREADS}" in text and "    balance roundrobin" in text
+    if shutil.which("haproxy"):  # the distribution's HAProxy 2.6, as the pinned image
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(text.replace(manifests.HAPROXY_RUNTIME_SOCKET, str(tmp_path / "s")))
+        done = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    mount = container["volumeMounts"][0]
+    assert mount["mountPath"] == manifests.HAPROXY_CONFIG_DIR  # the image's default -f folder
+
+
+def test_a_built_wheel_renders_every_manifest(tmp_path: Path) -> None:
+    """A non-editable install (`pip install .`, a wheel) carries the templates as package data."""
+    wheels = tmp_path / "dist"
+    uv = shutil.which("uv")
+    build = ([uv, "build", "--wheel", "--out-dir", str(wheels), str(REPOSITORY)] if uv else
+             [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels),
+              str(REPOSITORY)])
+    done = subprocess.run(build, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = wheels.glob("kpbench-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    script = """
+import json, kpbench
+from kpbench.config import load
+from kpbench.kube import manifests
+config = load(__import__("pathlib").Path(QUICKSTART), ["workload.proxy=l7"])
+spec = manifests.ClusterSpec.for_mode(config, "ipvs-lc")
+documents = manifests.application_manifests("ns", config, manifests.image_tag())
+documents += manifests.metrics_server_manifests()
+print(json.dumps({"package": kpbench.__file__, "kind": spec.kind_config(),
+                  "documents": documents,
+                  "dockerfile": "Dockerfile" in manifests.image_context_files()}))
+""".replace("QUICKSTART", repr(str(EXPERIMENTS / "quickstart.yaml")))
+    environment = dict(os.environ, PYTHONPATH=str(site))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env=environment, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rendered = json.loads(done.stdout)
+    assert Path(rendered["package"]).is_relative_to(site)  # the wheel's copy, not the checkout
+    assert yaml.safe_load(rendered["kind"])["networking"]["kubeProxyMode"] == "ipvs"
+    assert {"l7-proxy", "backend", "locust-master", "metrics-server"} <= {
+        d["metadata"]["name"] for d in rendered["documents"]}
+    assert rendered["dockerfile"]
 
 
 def test_dockerfile_and_image_context() -> None:
@@ -229,20 +338,30 @@ def test_dockerfile_and_image_context() -> None:
     dockerfile = files["Dockerfile"].decode()
     assert "COPY kpbench /app/kpbench" in dockerfile
     assert manifests.IMAGE_LOCUSTFILE.startswith("/app/kpbench/")
-    assert re.fullmatch(r"kpbench/kpbench:[0-9a-f]{12}", manifests.image_tag(files))
+    assert re.fullmatch(r"localhost/kpbench/kpbench:[0-9a-f]{12}", manifests.image_tag(files))
 
 
 # -- preflight -------------------------------------------------------------------------------------
 
 
+ROOMY_MEMINFO = "MemTotal:       32000000 kB\nMemAvailable:   24000000 kB\n"
+
+
 def fake_host(tmp_path: Path, *, engine: bool = True, kind: str | None = "kind v0.30.0 go1.24",
-              kubectl: bool = True, modules: Sequence[str] = (), builtin: str = "") -> Host:
+              kubectl: bool = True, modules: Sequence[str] = (), builtin: str = "",
+              kernel: str = "6.1.0-13-amd64", inotify: tuple[int, int] = (512, 524288),
+              meminfo: str = ROOMY_MEMINFO) -> Host:
     sys_module = tmp_path / "sys-module"
-    sys_module.mkdir(exist_ok=True)
+    sys_module.mkdir(parents=True, exist_ok=True)
     for name in modules:
         (sys_module / name).mkdir()
     builtin_file = tmp_path / "modules.builtin"
     builtin_file.write_text(builtin)
+    inotify_dir = tmp_path / "proc-sys" / "fs" / "inotify"
+    inotify_dir.mkdir(parents=True, exist_ok=True)
+    (inotify_dir / "max_user_instances").write_text(f"{inotify[0]}\n")
+    (inotify_dir / "max_user_watches").write_text(f"{inotify[1]}\n")
+    (tmp_path / "meminfo").write_text(meminfo)
     on_path = {"docker"} | ({"kind"} if kind else set()) | ({"kubectl"} if kubectl else set())
 
     def probe(command: Sequence[str]) -> str | None:
@@ -255,14 +374,16 @@ def fake_host(tmp_path: Path, *, engine: bool = True, kind: str | None = "kind v
         return None
 
     return Host(which=lambda name: f"/usr/bin/{name}" if name in on_path else None, probe=probe,
-                sys_module=sys_module, modules_builtin=builtin_file)
+                sys_module=sys_module, modules_builtin=builtin_file,
+                kernel_release=lambda: kernel, proc_sys=tmp_path / "proc-sys",
+                meminfo=tmp_path / "meminfo")
 
 
 def test_preflight_passes_and_records_versions(tmp_path: Path) -> None:
     host = fake_host(tmp_path, modules=["ip_vs", "ip_vs_rr", "ip_vs_lc", "ip_vs_sh"])
-    problems, versions = kind_problems(experiment(), host)
-    assert problems == []
-    assert versions["kind"].startswith("kind v0.30.0") and versions["kubectl"] == "v1.34.1"
+    problems, warnings, versions = kind_problems(experiment(), host)
+    assert problems == [] and warnings == []
+    assert versions["kind"].startswith("kind v0.30.0")
     assert versions["container_engine"] == "docker 28.2.2"
     assert versions["node_image"] == manifests.NODE_IMAGE
 
@@ -271,14 +392,21 @@ def test_preflight_passes_and_records_versions(tmp_path: Path) -> None:
     ("host_args", "modes", "node_image", "expected"),
     [
         ({"engine": False}, ["iptables"], None, "no Docker or podman engine answers"),
-        ({"kind": None}, ["iptables"], None, "`kind` is not on PATH: install kind"),
-        ({"kubectl": False}, ["iptables"], None, "`kubectl` is not on PATH"),
-        ({"kind": "kind v0.22.0 go1.22"}, ["nftables"], None, "nftables mode needs kind >= v0.23"),
+        ({"kind": None}, ["iptables"], None, "`kind` is not on PATH: install kind >= v0.27"),
+        ({"kind": "kind v0.26.0 go1.23"}, ["iptables"], None,
+         "kind >= v0.27.0 is needed, found kind v0.26.0"),
+        ({"kind": "kind v0.22.0 go1.22"}, ["nftables"], None, "kind >= v0.27.0 is needed"),
         ({}, ["nftables"], "kindest/node:v1.30.0", "nftables mode needs a node image >= v1.31"),
+        ({"kernel": "5.10.0-28-amd64"}, ["nftables"], None,
+         "nftables mode needs a host kernel >= 5.13 (kind nodes share it), this one is 5.10.0"),
         ({}, ["ipvs-rr"], "kindest/node:v1.40.0", "disabled from Kubernetes 1.40"),
         ({"modules": ["ip_vs"]}, ["ipvs-lc", "ipvs-sh"], None,
          "run `sudo modprobe ip_vs_lc ip_vs_sh`"),
         ({}, ["ipvs-rr"], None, "run `sudo modprobe ip_vs ip_vs_rr`"),
+        ({"inotify": (128, 8192)}, ["iptables"], None,
+         "run `sudo sysctl fs.inotify.max_user_instances=512 fs.inotify.max_user_watches=524288`"),
+        ({"meminfo": "MemAvailable:    2000000 kB\n"}, ["iptables"], None,
+         "GiB of free memory is needed (3 kind nodes and a cell's pods), 1.9 GiB is available"),
     ],
 )
 def test_preflight_names_each_missing_piece(tmp_path: Path, host_args: dict[str, Any],
@@ -293,10 +421,61 @@ def test_preflight_names_each_missing_piece(tmp_path: Path, host_args: dict[str,
     assert "\n" not in message
 
 
+def test_kind_version_policy_every_mode_needs_v0_27(tmp_path: Path) -> None:
+    for mode in ALL_MODES:
+        host = fake_host(tmp_path / mode, kind="kind v0.26.0 go1.23",
+                         modules=["ip_vs", "ip_vs_rr", "ip_vs_lc", "ip_vs_sh", "ip_vs_wlc",
+                                  "ip_vs_mh"])
+        problems = kind_problems(experiment(modes=[mode]), host).problems
+        assert len(problems) == 1 and "kind >= v0.27.0 is needed" in problems[0], mode
+    ok = kind_problems(experiment(modes=["iptables"]),
+                       fake_host(tmp_path / "ok", kind="kind v0.27.0 go1.23"))
+    assert ok.problems == []
+
+
+@pytest.mark.parametrize(("kind", "image"), [("kind v0.32.0 go1.25", (0, 32)),
+                                             ("kind v0.27.0 go1.23", (0, 27)),
+                                             ("kind v0.40.1 go1.27", None)])
+def test_a_kind_release_other_than_the_pinned_images_warns_and_names_its_own(
+        tmp_path: Path, kind: str, image: tuple[int, int] | None) -> None:
+    host = fake_host(tmp_path, kind=kind)
+    found = kind_problems(experiment(modes=["iptables"]), host)
+    assert found.problems == []
+    (warning,) = found.warnings
+    assert manifests.NODE_IMAGE_KIND_RELEASE in warning and "cluster.node_image" in warning
+    if image is not None:
+        assert KIND_DEFAULT_NODE_IMAGES[image] in warning
+    else:
+        assert "its release notes name its own default node image" in warning
+    chosen = {"nodes": 2, "node_image": "kindest/node:v1.36.1"}
+    own = kind_problems(experiment(modes=["iptables"], cluster=chosen), host)
+    assert own.warnings == []  # the user chose the image
+
+
+def test_keep_cluster_counts_every_modes_nodes_for_inotify(tmp_path: Path) -> None:
+    host = fake_host(tmp_path, inotify=(512, 524288))
+    config = experiment(modes=["iptables", "nftables"], cluster={"nodes": 4})
+    assert kind_problems(config, host).problems == []  # one cluster of 5 nodes at a time
+    kept = kind_problems(config, host, keep_cluster=True).problems  # 2 x 5 = 10 nodes
+    assert len(kept) == 1 and "10 kind nodes at once" in kept[0]
+    assert "fs.inotify.max_user_instances=640" in kept[0]
+
+
+@pytest.mark.parametrize("host_args", [{}, {"kubectl": False}, {"engine": False},
+                                       {"kind": None}, {"kind": "kind v0.26.1 go1.23"}])
+def test_auto_and_the_e2e_skip_agree_with_preflight(tmp_path: Path,
+                                                    host_args: dict[str, Any]) -> None:
+    host = fake_host(tmp_path, **host_args)
+    usable = docker_and_kind(host) is None
+    assert usable == (kind_problems(experiment(modes=["iptables"]), host).problems == [])
+    if host_args == {"kubectl": False}:
+        assert usable  # kubectl is not needed: the Python client talks to the API server
+
+
 def test_builtin_ipvs_modules_count_as_present(tmp_path: Path) -> None:
     host = fake_host(tmp_path, builtin="kernel/net/netfilter/ipvs/ip_vs.ko\n"
                                        "kernel/net/netfilter/ipvs/ip_vs_rr.ko\n")
-    assert kind_problems(experiment(modes=["ipvs-rr"]), host)[0] == []
+    assert kind_problems(experiment(modes=["ipvs-rr"]), host).problems == []
 
 
 def test_load_events_that_change_the_rate_are_refused() -> None:
@@ -318,6 +497,69 @@ def test_kpbench_run_on_kind_without_docker_exits_2_with_one_line(tmp_path: Path
     assert len(lines) == 1 and lines[0].startswith("kpbench: --backend kind: ")
     assert "Docker" in lines[0] and "`kind` is not on PATH" in lines[0]
     assert not out.exists()
+
+
+def test_dry_run_writes_everything_a_kind_run_applies_without_docker(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    environment = dict(os.environ, PATH=str(Path(sys.executable).parent))  # no docker, no kind
+    done = subprocess.run(
+        [sys.executable, "-m", "kpbench", "run", str(EXPERIMENTS / "quickstart.yaml"),
+         "--backend", "kind", "--dry-run", "--out", str(out), "--seeds", "2",
+         "--set", "workload.proxy=l7", "--set", "backend.hpa={max_replicas: 9}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.parent.parent == out and folder.name.endswith("-dry-run")
+    assert not (folder / "run.json").exists()  # not a run: no loader takes it for one
+    summary = json.loads((folder / "dry-run.json").read_text())
+    config = Experiment.model_validate(summary["config"])
+    cells = expand_cells(config)
+    assert [c["cell_id"] for c in summary["cells"]] == [c.cell_id for c in cells]
+    for name, path in summary["clusters"].items():
+        document = yaml.safe_load((folder / path).read_text())
+        assert document["name"] == name and set(document) <= KIND_CLUSTER_FIELDS
+    for document in yaml.safe_load_all((folder / "kind" / "metrics-server.yaml").read_text()):
+        kubernetes_validate.validate(document, SCHEMA_VERSION, strict=True)
+    for entry, cell in zip(summary["cells"], cells, strict=True):
+        applied = []
+        for stage in ("backend", "locust"):
+            documents = list(yaml.safe_load_all(
+                (folder / "cells" / entry["cell_id"] / f"{stage}.yaml").read_text()))
+            for document in documents:
+                kubernetes_validate.validate(document, SCHEMA_VERSION, strict=True)
+            applied += documents
+        assert {d["kind"] for d in applied} >= {"Namespace", "Deployment", "Service",
+                                                 "HorizontalPodAutoscaler", "Pod", "ConfigMap"}
+        assert applied == [d for _, stage in manifests.cell_stages(
+            entry["namespace"], cell.config, summary["image"], "dryrun") for d in stage]
+        commands = (folder / "cells" / entry["cell_id"] / "locust-commands.txt").read_text()
+        assert commands.startswith("master: python -m locust -f ") and "\nworker: " in commands
+    # the commands: per mode create, load, delete; never two clusters at once
+    alive: set[str] = set()
+    for line in (folder / "commands.txt").read_text().splitlines():
+        words = line.split()
+        if words[:3] == ["kind", "create", "cluster"]:
+            alive.add(words[4])
+            assert len(alive) == 1, alive
+        elif words[:3] == ["kind", "delete", "cluster"]:
+            alive.remove(words[4])
+        elif words[:3] == ["kind", "load", "image-archive"]:
+            assert words[-1] in alive
+    assert not alive
+    assert "wait until metrics.k8s.io reports every node" in (folder / "commands.txt").read_text()
+
+
+def test_dry_run_is_only_for_kind_and_checks_the_experiment(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "kpbench", "run", str(EXPERIMENTS / "quickstart.yaml"),
+            "--dry-run", "--out", str(tmp_path / "runs")]
+    sim = subprocess.run([*base, "--backend", "sim"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert sim.returncode == 2 and "--dry-run: only with --backend kind" in sim.stderr
+    old = subprocess.run([*base, "--backend", "kind", "--set", "modes=[nftables]", "--set",
+                          "cluster.node_image=kindest/node:v1.30.0"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert old.returncode == 2 and "nftables mode needs a node image" in old.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 # -- data-plane parsing ----------------------------------------------------------------------
@@ -370,7 +612,11 @@ def test_driver_runs_the_timeline_through_the_api() -> None:
               {"at": 10, "action": "kill-pod", "count": 2},
               {"at": 12, "action": "load", "connections": 60}]
     api = InMemoryKubeDouble()
-    _, result = run_driver(make_cell("iptables", events), api)
+    cell = make_cell("iptables", events)
+    _, result = run_driver(cell, api)
+    applied = [(c[1], c[3]) for c in api.calls if c[0] == "apply"]
+    assert applied == [(d["kind"], d["metadata"]["name"]) for _, stage in manifests.cell_stages(
+        "kpbench-t-1", cell.config, "img:1", "kpbench") for d in stage]  # what a dry run lists
     (patch,) = [c for c in api.calls if c[0] == "patch"]
     assert patch[1:4] == ("Deployment", "kpbench-t-1", "backend")
     assert RESTARTED_AT in patch[4]["spec"]["template"]["metadata"]["annotations"]
@@ -479,34 +725,194 @@ def test_kind_cli_command_lines(tmp_path: Path) -> None:
     cli.delete(spec.name, kubeconfig)
     assert runner.commands[-1] == ["kind", "delete", "cluster", "--name", spec.name,
                                    "--kubeconfig", str(kubeconfig)]
-    cli.load_image("kpbench/kpbench:abc", spec.name)
-    assert runner.commands[-1] == ["kind", "load", "docker-image", "kpbench/kpbench:abc",
-                                   "--name", spec.name]
     assert cli.kpbench_clusters() == ["kpbench-iptables-1234abcd"]
     cli.node_exec("kpbench-iptables-1234abcd-worker", ["cat", "/proc/net/ip_vs"])
     assert runner.commands[-1] == ["docker", "exec", "kpbench-iptables-1234abcd-worker", "cat",
                                    "/proc/net/ip_vs"]
 
 
-@pytest.mark.parametrize(("interrupted", "expected"), [(False, ["a", "b"]), (True, ["a"])])
-def test_kind_backend_deletes_clusters_at_close(tmp_path: Path, interrupted: bool,
-                                                expected: list[str]) -> None:
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_one_qualified_image_name_built_saved_and_loaded_from_an_archive(
+        engine: str, tmp_path: Path) -> None:
+    """podman stores `kpbench/kpbench:x` as `localhost/kpbench/kpbench:x` and the nodes' containerd
+    reads an unqualified name as `docker.io/...`: one `localhost/` name everywhere."""
     runner = RecordingRunner()
-    backend = KindBackend()
+    cli = KindCli(engine, runner)
+    image = manifests.image_tag()
+    assert image.startswith("localhost/kpbench/kpbench:")
+    cli.build_image(image)
+    assert runner.commands[-1][:4] == [engine, "build", "-t", image]
+    cli.load_image(image, "kpbench-iptables-1")
+    save, load_ = runner.commands[-2:]
+    assert save[:3] == [engine, "save", "-o"] and save[4] == image
+    assert load_ == ["kind", "load", "image-archive", save[3], "--name", "kpbench-iptables-1"]
+    pods = [d for d in manifests.application_manifests("ns", experiment(), image)
+            if d["kind"] in ("Deployment", "Pod")]
+    images = {c["image"] for d in pods for c in (d["spec"].get("template", d)["spec"]
+                                                  ["containers"])}
+    assert images == {image}
+
+
+class FakeKind(RecordingRunner):
+    """kind + engine CLIs: clusters appear when created; `fail` lists commands to fail once."""
+
+    def __init__(self, fail: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.existing: list[str] = []
+        self.fail = list(fail)
+
+    def __call__(self, command: Sequence[str], timeout: float,
+                 env: dict[str, str] | None) -> str:
+        self.commands.append(list(command))
+        words = " ".join(command)
+        for failing in list(self.fail):
+            if words.startswith(failing):
+                self.fail.remove(failing)
+                raise ClusterError(f"{failing} exited 1: failed to detect containerd snapshotter")
+        if list(command[:3]) == ["kind", "get", "clusters"]:
+            return "\n".join(self.existing)
+        if list(command[:3]) == ["kind", "create", "cluster"]:
+            self.existing.append(command[4])
+        if list(command[:3]) == ["kind", "delete", "cluster"]:
+            self.existing.remove(command[4])
+        if list(command[:3]) == ["kind", "get", "nodes"]:
+            return "worker1\nworker2\nworker3\n"
+        return ""
+
+
+def kind_backend(tmp_path: Path, runner: FakeKind, api: InMemoryKubeDouble,
+                 keep_cluster: bool = False) -> KindBackend:
+    clock = FakeClock()
+    backend = KindBackend(keep_cluster=keep_cluster, host=fake_host(tmp_path),
+                          cli=KindCli("docker", runner), api_factory=lambda _: api)
+    backend.driver_options = {"clock": clock, "sleep": clock.sleep, "wall_clock": clock.wall}
     backend.attach(tmp_path)
-    backend.cli = KindCli("docker", runner)
+    return backend
+
+
+def run_cells(backend: KindBackend, config: Experiment,
+              monkeypatch: pytest.MonkeyPatch, api: InMemoryKubeDouble) -> list[Any]:
+    import kpbench.kube.backend as backend_module
+
+    class Nodes(FakeNodes):  # the double's tables for whichever namespace the cell uses
+        def __init__(self, cli: KindCli, cluster: str, mode: str) -> None:
+            super().__init__(api, "", mode)
+
+        def ip_vs_text(self) -> str:
+            self.namespace = next(ns for (kind, ns, name) in api.objects
+                                  if kind == "Deployment" and name == "backend")
+            return super().ip_vs_text()
+
+    monkeypatch.setattr(backend_module, "KindNodes", Nodes)
+    backend.preflight(config)
+    outcomes: list[Any] = []
+    for cell in expand_cells(config):
+        try:
+            outcomes.append(backend.run_cell(cell, lambda t: None))
+        except Exception as exc:
+            outcomes.append(exc)
+    backend.close()
+    return outcomes
+
+
+def test_a_failed_cluster_setup_fails_the_cell_with_its_cause_and_is_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = FakeKind(fail=["kind load image-archive"])
+    api = InMemoryKubeDouble()
+    backend = kind_backend(tmp_path, runner, api)
+    config = experiment(modes=["iptables"], seeds=2, duration_seconds=4, events=[])
+    first, second = run_cells(backend, config, monkeypatch, api)
+    assert isinstance(first, ClusterSetupError)
+    assert "failed to detect containerd snapshotter" in str(first)  # the cause, not a KeyError
+    assert not isinstance(second, Exception), second  # the next cell set the cluster up again
+    creates = [c for c in runner.commands if c[:3] == ["kind", "create", "cluster"]]
+    assert len(creates) == 1  # the cluster the first cell created is reused, not re-created
+    assert second.dataplane["cluster"]["cluster"] == creates[0][4]
+
+
+def test_each_modes_cluster_is_deleted_after_its_last_cell(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = FakeKind()
+    api = InMemoryKubeDouble()
+    backend = kind_backend(tmp_path, runner, api)
+    config = experiment(modes=["iptables", "nftables"], seeds=2, duration_seconds=3, events=[])
+    run_cells(backend, config, monkeypatch, api)
+    lifecycle = [(c[1], c[4]) for c in runner.commands
+                 if c[0] == "kind" and c[1] in ("create", "delete")]
+    iptables, nftables = (manifests.ClusterSpec.for_mode(config, m).name
+                          for m in ("iptables", "nftables"))
+    # never two clusters at once: iptables' goes before nftables' is created
+    assert lifecycle == [("create", iptables), ("delete", iptables), ("create", nftables),
+                         ("delete", nftables)]
+    kept = FakeKind()
+    run_cells(kind_backend(tmp_path / "k", kept, InMemoryKubeDouble(), keep_cluster=True),
+              experiment(modes=["iptables"], seeds=2, duration_seconds=3, events=[]),
+              monkeypatch, InMemoryKubeDouble())
+    assert not [c for c in kept.commands if c[:2] == ["kind", "delete"]]
+
+
+@pytest.mark.parametrize(("interrupted", "expected"), [(False, ["a", "b"]), (True, ["a"])])
+def test_kind_backend_deletes_what_is_left_at_close(tmp_path: Path, interrupted: bool,
+                                                    expected: list[str]) -> None:
+    runner = RecordingRunner()
+    backend = KindBackend(cli=KindCli("docker", runner))
+    backend.attach(tmp_path)
     backend.created = ["a"]
-    backend.used = {"a": tmp_path / "a", "b": tmp_path / "b"}  # b was reused from a kept run
+    backend.kubeconfigs = {"a": tmp_path / "a", "b": tmp_path / "b"}  # b: kept by an earlier run
     backend.interrupted = interrupted
     backend.close()
     deleted = [c[c.index("--name") + 1] for c in runner.commands if c[:2] == ["kind", "delete"]]
     assert deleted == expected
-    kept = KindBackend(keep_cluster=True)
+    kept = KindBackend(keep_cluster=True, cli=KindCli("docker", runner))
     kept.attach(tmp_path)
-    kept.cli = KindCli("docker", runner)
     kept.created = ["c"]
+    kept.kubeconfigs = {"c": tmp_path / "c"}
     kept.close()
     assert all("c" not in c for c in runner.commands)
+
+
+def test_the_first_hpa_cell_waits_for_the_metrics_api_on_every_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api = InMemoryKubeDouble(metrics_after=3)
+    backend = kind_backend(tmp_path, FakeKind(), api)
+    config = experiment(modes=["iptables"], seeds=2, duration_seconds=3, events=[],
+                        backend={"replicas": 2, "hpa": {"max_replicas": 4}})
+    outcomes = run_cells(backend, config, monkeypatch, api)
+    assert not [o for o in outcomes if isinstance(o, Exception)], outcomes
+    polls = [i for i, c in enumerate(api.calls) if c == ("list", "NodeMetrics")]
+    first_apply = next(i for i, c in enumerate(api.calls)
+                       if c[:2] == ("apply", "Deployment") and c[3] == "backend")
+    assert len(polls) == 4 and polls[-1] < first_apply  # 3 empty answers, then every node
+    silent = InMemoryKubeDouble(metrics_after=10**6)
+    clock = FakeClock()
+    with pytest.raises(ClusterSetupError, match=r"metrics\.k8s\.io did not report node"):
+        wait_for_node_metrics(silent, timeout=30, clock=clock, sleep=clock.sleep)
+
+
+def test_resets_counted_by_the_workload_reach_the_metric() -> None:
+    api = InMemoryKubeDouble()
+    _, result = run_driver(make_cell("iptables", []), api)
+    resets = result.events[result.events["event"] == "connection_reset"]
+    assert json.loads(resets["detail"].iloc[0])["count"] == 3
+    events = result.events.assign(cell_id="c1")
+    samples = result.samples.assign(cell_id="c1")
+    metrics = cell_metrics(samples, events, result.connections.assign(cell_id="c1"),
+                           [{"cell_id": "c1", "mode": "iptables", "seed": 1,
+                             "status": "COMPLETED"}], 20, None)
+    assert metrics["reset_connections"].iloc[0] == 3
+    assert metrics["failed_connections"].iloc[0] == 2
+
+
+def test_the_l7_proxies_are_waited_for_and_recorded() -> None:
+    api = InMemoryKubeDouble()
+    _, result = run_driver(make_cell("iptables", [], workload={"proxy": "l7"}), api)
+    proxy = result.dataplane["l7_proxy"]
+    assert proxy["software"] == "haproxy" and proxy["replicas"] == L7_PROXY_REPLICAS
+    assert proxy["servers"] == 6 and proxy["threads"] == haproxy.THREADS
+    shown = [c for c in api.calls if c[0] == "exec" and c[2] == "haproxy"]
+    assert len(shown) == L7_PROXY_REPLICAS
+    applied = [c[3] for c in api.calls if c[:2] == ("apply", "Deployment")]
+    assert applied.index("l7-proxy") < applied.index("locust-worker")
 
 
 def test_cluster_backend_reads_the_mode_and_runs_only_its_cells() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kpbench.backends.base import Backend, CellResult, PreflightError, Progress, Unsupported
+
+if TYPE_CHECKING:
+    from kpbench.kube.preflight import Host
 
 BACKEND_CHOICES = ("auto", "sim", "lab", "kind", "cluster")
 NOT_BUILT: dict[str, str] = {}
@@ -17,19 +19,13 @@ __all__ = [
 ]
 
 
-def docker_and_kind() -> str | None:
-    """None when Docker (or podman) answers and kind is on PATH, else why not."""
-    if shutil.which("kind") is None:
-        return "kind is not on PATH"
-    for engine in ("docker", "podman"):
-        if shutil.which(engine) is None:
-            continue
-        try:
-            subprocess.run([engine, "info"], capture_output=True, timeout=20, check=True)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        return None
-    return "no Docker or podman engine answers"
+def docker_and_kind(host: Host | None = None) -> str | None:
+    """None when Docker (or podman) answers and a usable kind is on PATH, else why not: the
+    host checks of kind's preflight, so that `auto` never picks a kind that preflight refuses."""
+    from kpbench.kube.preflight import Host, host_problems
+
+    problems, _ = host_problems(host or Host())
+    return "; ".join(problems) or None
 
 
 def resolve(

@@ -41,6 +41,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "APIService": ("/apis/apiregistration.k8s.io/v1", "apiservices", False),
     "PodMetrics": ("/apis/metrics.k8s.io/v1beta1", "pods", True),
+    "NodeMetrics": ("/apis/metrics.k8s.io/v1beta1", "nodes", False),
 }
 FIELD_MANAGER = "kpbench"
 

@@ -3,7 +3,12 @@
 Commands, as kind documents them (kubernetes-sigs/kind site/content/docs/user/quick-start.md and
 pkg/cmd/kind/...): `kind create cluster --name N --config F --kubeconfig K --wait 10m`,
 `kind get clusters`, `kind get nodes --name N`, `kind get kubeconfig --name N`,
-`kind load docker-image IMAGE --name N`, `kind delete cluster --name N --kubeconfig K`.
+`kind load image-archive ARCHIVE --name N`, `kind delete cluster --name N --kubeconfig K`.
+The kpbench image is built under one fully qualified local name (`localhost/kpbench/kpbench:<hash>`,
+what podman would store anyway), saved with `<engine> save` and loaded from the archive for
+Docker and podman alike: the nodes' containerd imports it under that very name, which the pods
+ask for, and the archive sidesteps `kind load docker-image`'s trouble with Docker's containerd
+image store.
 Every kind command that writes a kubeconfig is given an explicit `--kubeconfig` path in the run
 folder, so the user's kubeconfig and current context are never touched. With podman,
 `KIND_EXPERIMENTAL_PROVIDER=podman` is set, as kind's docs say.
@@ -72,7 +77,8 @@ class KindCli:
         self._kind("create", "cluster", "--name", spec.name, "--config", str(config),
                    "--kubeconfig", str(kubeconfig), "--wait", "10m",
                    timeout=CREATE_TIMEOUT_SECONDS)
-        kubeconfig.chmod(0o600)
+        if kubeconfig.exists():  # written by kind (not by a dry run's recorder)
+            kubeconfig.chmod(0o600)
 
     def write_kubeconfig(self, name: str, kubeconfig: Path) -> None:
         """An existing cluster's kubeconfig, written to `kubeconfig` only."""
@@ -81,22 +87,22 @@ class KindCli:
         kubeconfig.chmod(0o600)
 
     def delete(self, name: str, kubeconfig: Path | None = None) -> None:
-        if kubeconfig is None:
-            scratch = Path(tempfile.mkdtemp(prefix="kpbench-kind-")) / "kubeconfig"
+        if kubeconfig is not None:
+            self._kind("delete", "cluster", "--name", name, "--kubeconfig", str(kubeconfig),
+                       timeout=300)
+            return
+        with tempfile.TemporaryDirectory(prefix="kpbench-kind-") as folder:
+            scratch = Path(folder) / "kubeconfig"  # never the user's
             scratch.write_text("")
-            kubeconfig = scratch
-        self._kind("delete", "cluster", "--name", name, "--kubeconfig", str(kubeconfig),
-                   timeout=300)
+            self._kind("delete", "cluster", "--name", name, "--kubeconfig", str(scratch),
+                       timeout=300)
 
     def nodes(self, name: str) -> list[str]:
         return sorted(line.strip() for line in self._kind("get", "nodes", "--name", name)
                       .splitlines() if line.strip())
 
     def load_image(self, image: str, name: str) -> None:
-        """Docker: `kind load docker-image`; podman: `podman save` + `kind load image-archive`."""
-        if self.engine != "podman":
-            self._kind("load", "docker-image", image, "--name", name, timeout=600)
-            return
+        """`<engine> save` + `kind load image-archive`, for Docker and podman alike."""
         with tempfile.TemporaryDirectory(prefix="kpbench-image-") as folder:
             archive = str(Path(folder) / "image.tar")
             self.runner([self.engine, "save", "-o", archive, image], 600, None)

@@ -7,8 +7,9 @@ cluster through the narrow `KubeApi` (`kpbench.kube.api`) and reads node tables 
 double of the offline tests and against a real cluster.
 
 Per cell, in its own namespace:
-1. apply the backend (Deployment, Services, HPA) and, for `workload.proxy: l7`, Envoy; wait
-   until every backend pod is ready;
+1. apply the backend (Deployment, Services, HPA) and, for `workload.proxy: l7`, the HAProxy
+   proxies (`kpbench.haproxy`, the lab's configuration); wait until every backend pod is ready
+   and every proxy has exactly the ready backend pods in service (read from its runtime API);
 2. verify the data plane for the cell's Service on every node (`kpbench.kube.verify`);
    a mismatch fails the cell;
 3. watch pods and EndpointSlices (threads; each change becomes an event when it is seen, and
@@ -24,7 +25,9 @@ Per cell, in its own namespace:
    while a pod terminates), CPU from metrics-server, HPA status, and for IPVS modes each node's
    `/proc/net/ip_vs` (active / inactive connections per real server) beside the pods' counts;
 6. stop Locust with SIGTERM (it writes its CSVs and kpbench's summary), copy them out, delete the
-   namespace (also on errors and Ctrl-C).
+   namespace (also on errors and Ctrl-C). The workload's totals of failed connects and of
+   connections reset become `connection_failed` / `connection_reset` events (the kernel's tables
+   cannot tell why a connection ended, so no per-connection table is kept on this backend).
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from kpbench import ipvs
+from kpbench import haproxy, ipvs
 from kpbench.backends.base import CellResult, Progress
-from kpbench.config import ROOT_SEED, Cell
+from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell
 from kpbench.kube import manifests
 from kpbench.kube.api import KubeApi, KubeError, pod_cpu_millicores
 from kpbench.kube.verify import check_node
@@ -68,6 +71,10 @@ CONNECTION_COLUMNS = ["conn_id", "client", "node", "pod", "opened_at", "closed_a
 STOP_LOCUST = ["python", "-c", "import os, signal; os.kill(1, signal.SIGTERM)"]
 LIST_RESULTS = ["sh", "-c", "cd /results && for f in *; do [ -f \"$f\" ] || continue; "
                 "printf '%s\\n' \"$f\"; base64 \"$f\" | tr -d '\\n'; echo; done"]
+SHOW_SERVERS = ["sh", "-c", f"echo 'show servers state {haproxy.BACKEND}' | "
+                f"socat stdio unix-connect:{manifests.HAPROXY_RUNTIME_SOCKET}"]
+L7_PROXY_SELECTOR = "app.kubernetes.io/name=l7-proxy"
+WORKLOAD_TOTALS = (("failed", "connection_failed"), ("reset", "connection_reset"))
 
 
 class NodeTables(Protocol):
@@ -148,6 +155,8 @@ class KubeCell:
         self.sample_lateness: list[float] = []
         self.setup_seconds = 0.0
         self.scrape_failures = 0
+        self.l7_proxy: dict[str, Any] = {}
+        self.stages = dict(manifests.cell_stages(namespace, self.cfg, image, run_label))
 
     # -- time and events ---------------------------------------------------------------------------
 
@@ -299,18 +308,38 @@ class KubeCell:
                    if pod_is_ready(pod) and not pod["metadata"].get("deletionTimestamp"))
 
     def deploy_backend(self) -> None:
-        self.api.apply(manifests.namespace_manifest(self.namespace, self.run_label))
-        documents = manifests.backend_manifests(self.namespace, self.cfg, self.image)
-        if self.cfg.workload.proxy == "l7":
-            documents += manifests.l7_proxy_manifests(self.namespace, self.cfg)
-        for document in documents:
+        for document in self.stages["backend"]:
             self.api.apply(document)
         self.wait_until(lambda: self.ready_backend_pods() >= self.replicas,
                         SETUP_TIMEOUT_SECONDS, f"{self.replicas} backend pods ready")
         if self.cfg.workload.proxy == "l7":
-            self.wait_until(lambda: any(pod_is_ready(p) for p in self.api.list_objects(
-                "Pod", self.namespace, "app.kubernetes.io/name=l7-proxy")),
-                SETUP_TIMEOUT_SECONDS, "the L7 proxy ready")
+            self.wait_until(self.proxies_serve_ready_pods, SETUP_TIMEOUT_SECONDS,
+                            "the L7 proxies ready with every ready backend pod in service")
+
+    def proxies_serve_ready_pods(self) -> bool:
+        """Every proxy is ready and its servers in service are exactly the ready backend pods
+        (HAProxy fills its slots from the headless Service's DNS records)."""
+        port = manifests.GRPC_PORT if self.cfg.workload.protocol == "grpc" else manifests.HTTP_PORT
+        expected = sorted(f"{p['status']['podIP']}:{port}" for p in self.list_backend_pods()
+                          if pod_is_ready(p) and not p["metadata"].get("deletionTimestamp"))
+        proxies = [p for p in self.api.list_objects("Pod", self.namespace, L7_PROXY_SELECTOR)
+                   if pod_is_ready(p)]
+        if len(proxies) < L7_PROXY_REPLICAS:
+            return False
+        for proxy in proxies:
+            try:
+                state = self.api.exec(self.namespace, proxy["metadata"]["name"], "haproxy",
+                                      SHOW_SERVERS)
+            except Exception:  # not answering yet
+                return False
+            if sorted(haproxy.enabled_servers(state)) != expected:
+                return False
+        self.l7_proxy = {"software": "haproxy", "image": manifests.HAPROXY_IMAGE,
+                         "replicas": len(proxies), "threads": haproxy.THREADS,
+                         "balance": "roundrobin per request", "servers": len(expected),
+                         "endpoint_updates": "DNS of the headless Service backend-pods, "
+                                             f"every {haproxy.DNS_RESOLVE_SECONDS} s"}
+        return True
 
     def verify_dataplane(self) -> dict[str, Any]:
         service = self.api.get("Service", self.namespace, "backend") or {}
@@ -332,7 +361,7 @@ class KubeCell:
                                    "iptables-save, nft list table ip kube-proxy"}
 
     def start_locust(self) -> None:
-        for document in manifests.locust_manifests(self.namespace, self.cfg, self.image):
+        for document in self.stages["locust"]:
             self.api.apply(document)
 
         def locust_running() -> bool:
@@ -541,10 +570,13 @@ class KubeCell:
             with contextlib.suppress(ValueError):
                 summary = dict(json.loads(files["summary.json"]))
         events = list(self.event_rows)
-        failed = (summary.get("connections") or {}).get("failed", 0)
-        if failed:
-            events.append((self.cfg.duration_seconds, "connection_failed", "",
-                           json.dumps({"count": failed, "reason": "counted by the workload"})))
+        totals = summary.get("connections") or {}
+        counted = {"failed": totals.get("failed", 0),
+                   "reset": (totals.get("closed") or {}).get("reset", 0)}
+        for key, event in WORKLOAD_TOTALS:
+            if counted[key]:
+                events.append((self.cfg.duration_seconds, event, "", json.dumps(
+                    {"count": counted[key], "reason": "counted by the workload"})))
         events_frame = pd.DataFrame(events, columns=["t", "event", "pod", "detail"])
         events_frame = events_frame.sort_values("t", kind="stable").reset_index(drop=True)
         connections = pd.DataFrame(columns=CONNECTION_COLUMNS)
@@ -562,6 +594,8 @@ class KubeCell:
             "scrape_failures": self.scrape_failures,
             "workload": {k: summary.get(k) for k in ("connections", "requests")},
         }
+        if self.l7_proxy:
+            dataplane["l7_proxy"] = self.l7_proxy
         if self.ipvs_rows:
             last_t = self.ipvs_rows[-1]["t"]
             dataplane["ipvs_last_sample"] = [

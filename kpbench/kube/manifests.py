@@ -1,17 +1,24 @@
 """Everything the kind and cluster backends send to Docker, kind and Kubernetes, rendered offline.
 
-Templates live under `manifests/` (Jinja2, values inserted through `tojson` so that no value can
-break the YAML): `kind/cluster.yaml.j2` (the kind cluster per mode), `app/backend.yaml.j2`
-(Deployment, Services, HPA), `app/locust.yaml.j2`, `app/l7-proxy.yaml.j2` + `app/envoy.yaml.j2`
-(the Envoy proxy for `workload.proxy: l7`), `metrics-server.yaml` and `Dockerfile`.
+Templates are package data under `kpbench/manifests/` (read through the package, so an installed
+wheel renders them as a source checkout does; Jinja2, values inserted through `tojson` so that no
+value can break the YAML): `kind/cluster.yaml.j2` (the kind cluster per mode),
+`app/backend.yaml.j2` (Deployment, Services, HPA), `app/locust.yaml.j2`, `app/l7-proxy.yaml.j2`
+(HAProxy for `workload.proxy: l7`, its `haproxy.cfg` from `kpbench.haproxy` as in the lab),
+`metrics-server.yaml` and `Dockerfile`.
 
 Sources relied on:
 - kind config fields: kubernetes-sigs/kind `pkg/apis/config/v1alpha4/types.go` (Cluster.name,
   nodes[].role/image/labels, networking.kubeProxyMode, kubeadmConfigPatches) and
   `pkg/internal/apis/config/validate.go` (cluster names match `^[a-z0-9.-]+$`; proxy modes
-  iptables, ipvs, nftables, none). kind renders kubeadm `v1beta3` documents plus a
+  iptables, ipvs, nftables, none). kind renders kubeadm documents plus a
   `KubeProxyConfiguration` (`kubeproxy.config.k8s.io/v1alpha1`) in
-  `pkg/cluster/internal/kubeadm/config.go`; our patches match those kinds and apiVersions.
+  `pkg/cluster/internal/kubeadm/config.go`: `kubeadm.k8s.io/v1beta3` for node images 1.23-1.35,
+  `v1beta4` from 1.36 (kind >= v0.32). A patch applies to a rendered document when its kind
+  matches and its apiVersion matches or is omitted (`pkg/internal/patch/resource.go`), and kind
+  silently ignores one that matches nothing: the `ClusterConfiguration` patch therefore omits
+  apiVersion and keeps v1beta3's `extraArgs` map, which kind >= v0.32 converts into v1beta4's
+  `[{name, value}]` list for a patch without apiVersion (`pkg/internal/patch/kubeadm_merge.go`).
 - The pinned node image: kubernetes-sigs/kind `pkg/apis/config/defaults/image.go` at tag
   v0.30.0, the default image of that release (Kubernetes 1.34.0, where IPVS mode is still
   supported and not yet deprecated; deprecation starts at 1.35, KEP-5495).
@@ -21,6 +28,7 @@ Sources relied on:
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import math
 from dataclasses import dataclass
@@ -30,11 +38,12 @@ from typing import Any
 import jinja2
 import yaml
 
+from kpbench import haproxy
 from kpbench.config import L7_PROXY_REPLICAS, Experiment
 from kpbench.ipvs import scheduler_of
 from kpbench.workload.plan import spawn_rate
 
-MANIFESTS = Path(__file__).resolve().parent.parent.parent / "manifests"
+MANIFESTS = importlib.resources.files("kpbench") / "manifests"
 
 NODE_IMAGE = (
     "kindest/node:v1.34.0@sha256:7416a61b42b1662ca6ca89f02028ac133a309a2a30ba309614e8ec94d976dc5a"
@@ -42,12 +51,15 @@ NODE_IMAGE = (
 """kind v0.30.0's default node image (kubernetes-sigs/kind pkg/apis/config/defaults/image.go)."""
 NODE_IMAGE_KIND_RELEASE = "v0.30.0"
 KUBERNETES_VERSION = "1.34.0"  # of NODE_IMAGE; manifests are validated against this schema
-ENVOY_IMAGE = "envoyproxy/envoy:v1.34.14"  # pinned by tag (digest not verified offline)
+HAPROXY_IMAGE = "haproxy:2.6.31"  # the official image, pinned by tag (digest not verified offline)
+"""HAProxy 2.6 LTS as in the lab (Debian 12's 2.6.12); docker-library/haproxy `versions.json`."""
 METRICS_SERVER_IMAGE = "registry.k8s.io/metrics-server/metrics-server:v0.8.1"
 
 HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_PORT = 8080, 9090, 9102, 80
 LOCUST_MASTER_PORT, LOCUST_WEB_PORT = 5557, 8089
-ENVOY_PROXY_PORT, ENVOY_ADMIN_PORT = 8080, 9901
+PROXY_PORT = 8080
+HAPROXY_CONFIG_DIR = "/usr/local/etc/haproxy"  # the official image's default `-f` folder
+HAPROXY_RUNTIME_SOCKET = "/var/lib/haproxy/admin.sock"  # owned by the image's `haproxy` user
 LOCUST_RUN_TIME_MARGIN_SECONDS = 600  # Locust is stopped by SIGTERM when the cell ends
 IMAGE_LOCUSTFILE = "/app/kpbench/workload/locustfile.py"
 EXPERIMENT_MOUNT = "/etc/kpbench/experiment.yaml"
@@ -58,7 +70,7 @@ BACKEND_SELECTOR = "app.kubernetes.io/name=backend"
 CLUSTER_PREFIX = "kpbench-"
 
 _environment = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(MANIFESTS)),
+    loader=jinja2.PackageLoader("kpbench", "manifests"),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,  # YAML, not HTML; values go through `tojson`
@@ -230,20 +242,25 @@ def locust_manifests(namespace: str, experiment: Experiment, image: str) -> list
     return _documents(text)
 
 
-def envoy_config(namespace: str, experiment: Experiment) -> str:
-    grpc = experiment.workload.protocol == "grpc"
-    return _render(
-        "app/envoy.yaml.j2", envoy_admin_port=ENVOY_ADMIN_PORT, proxy_port=ENVOY_PROXY_PORT,
-        grpc=grpc, backend_dns=f"backend-pods.{namespace}.svc.cluster.local",
-        target_port=GRPC_PORT if grpc else HTTP_PORT,
-    )
+def backend_pods_host(namespace: str) -> str:
+    """The headless Service whose A records are the ready backend pods."""
+    return f"backend-pods.{namespace}.svc.cluster.local"
+
+
+def haproxy_config(namespace: str, experiment: Experiment) -> str:
+    """The proxies' haproxy.cfg: the lab's settings, slots filled from the headless Service."""
+    protocol = experiment.workload.protocol
+    target_port = GRPC_PORT if protocol == "grpc" else HTTP_PORT
+    return haproxy.haproxy_config(protocol, PROXY_PORT, HAPROXY_RUNTIME_SOCKET,
+                                  haproxy.DnsDiscovery(backend_pods_host(namespace), target_port))
 
 
 def l7_proxy_manifests(namespace: str, experiment: Experiment) -> list[dict[str, Any]]:
     text = _render(
-        "app/l7-proxy.yaml.j2", namespace=namespace, envoy_yaml=envoy_config(namespace, experiment),
-        envoy_image=ENVOY_IMAGE, proxy_port=ENVOY_PROXY_PORT, envoy_admin_port=ENVOY_ADMIN_PORT,
-        service_port=SERVICE_PORT, proxy_replicas=L7_PROXY_REPLICAS,
+        "app/l7-proxy.yaml.j2", namespace=namespace,
+        haproxy_cfg=haproxy_config(namespace, experiment), haproxy_image=HAPROXY_IMAGE,
+        config_dir=HAPROXY_CONFIG_DIR, proxy_port=PROXY_PORT, service_port=SERVICE_PORT,
+        proxy_replicas=L7_PROXY_REPLICAS,
     )
     return _documents(text)
 
@@ -259,21 +276,36 @@ def metrics_server_manifests() -> list[dict[str, Any]]:
     return _documents((MANIFESTS / "metrics-server.yaml").read_text())
 
 
+def cell_stages(namespace: str, experiment: Experiment, image: str,
+                run_label: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """One cell's objects in the order the driver applies them: the namespace, the backend and
+    (for `workload.proxy: l7`) the proxies first; Locust once they are ready."""
+    backend = [namespace_manifest(namespace, run_label),
+               *backend_manifests(namespace, experiment, image)]
+    if experiment.workload.proxy == "l7":
+        backend += l7_proxy_manifests(namespace, experiment)
+    return [("backend", backend), ("locust", locust_manifests(namespace, experiment, image))]
+
+
 def application_manifests(namespace: str, experiment: Experiment,
                           image: str) -> list[dict[str, Any]]:
-    """Every object of one cell's namespace, in the order they are applied (Locust last)."""
-    documents = backend_manifests(namespace, experiment, image)
-    if experiment.workload.proxy == "l7":
-        documents += l7_proxy_manifests(namespace, experiment)
-    return documents + locust_manifests(namespace, experiment, image)
+    """Every object of one cell's namespace but the namespace itself, in the order applied."""
+    return [document for _, documents in cell_stages(namespace, experiment, image, "")
+            for document in documents if document["kind"] != "Namespace"]
 
 
 # -- the image -----------------------------------------------------------------------------------
 
 
+IMAGE_REPOSITORY = "localhost/kpbench/kpbench"
+"""One fully qualified local name for Docker and podman alike: podman stores an unqualified
+`kpbench/kpbench` as `localhost/kpbench/kpbench`, and containerd on the nodes would read an
+unqualified name as `docker.io/...`; with `localhost/` all three agree."""
+
+
 def image_context_files() -> dict[str, bytes]:
     """The Docker build context: the Dockerfile and the `kpbench` package sources only."""
-    package = MANIFESTS.parent / "kpbench"
+    package = Path(str(importlib.resources.files("kpbench")))
     files = {"Dockerfile": (MANIFESTS / "Dockerfile").read_bytes()}
     for path in sorted(package.rglob("*.py")):
         files[str(path.relative_to(package.parent))] = path.read_bytes()
@@ -281,8 +313,9 @@ def image_context_files() -> dict[str, bytes]:
 
 
 def image_tag(files: dict[str, bytes] | None = None) -> str:
-    """`kpbench/kpbench:<12 hex of the build context>`: rebuilt only when the sources change."""
+    """`localhost/kpbench/kpbench:<12 hex of the build context>`: rebuilt only when the sources
+    change."""
     digest = hashlib.sha256()
     for name, content in sorted((files or image_context_files()).items()):
         digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
-    return f"kpbench/kpbench:{digest.hexdigest()[:12]}"
+    return f"{IMAGE_REPOSITORY}:{digest.hexdigest()[:12]}"

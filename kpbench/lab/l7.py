@@ -1,16 +1,14 @@
 """The lab's L7 proxy for `workload.proxy: l7`: HAProxy balancing every request (pure parts).
 
-The kind backend runs Envoy for this; the lab runs HAProxy from the distribution, which needs no
-image: in HTTP mode (gRPC: HTTP/2 on both sides) it chooses a server for every request of a
-kept-alive client connection, `balance roundrobin`, like Envoy's ROUND_ROBIN. Clients reach the
-proxy pods through the Service's ClusterIP and the node's data plane, as in Kubernetes; the
-proxies reach the backend pods directly (Envoy in kind resolves the headless Service).
+The lab runs HAProxy from the distribution, which needs no image; its configuration is the one
+every backend renders (`kpbench.haproxy`: the same settings run in the official image on kind).
+Clients reach the proxy pods through the Service's ClusterIP and the node's data plane, as in
+Kubernetes; the proxies reach the backend pods directly.
 
 The backend pods live in a fixed pool of `server-template` slots, all disabled at start; the lab
 fills and empties them through HAProxy's runtime API (`set server ... addr`, `state ready|maint`)
-`endpoint_sync_seconds` after each endpoint change, as Envoy's DNS refresh would, without a
-reload, so client connections to the proxy are never cut. A request whose pod no longer accepts
-connections (it exited before its slot was emptied) is retried on another pod, up to 3 times.
+`endpoint_sync_seconds` after each endpoint change, without a reload, so client connections to
+the proxy are never cut (on kind HAProxy resolves the headless Service itself).
 """
 
 from __future__ import annotations
@@ -20,35 +18,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BACKEND = "backend"
-SLOT = "pod"
+from kpbench import haproxy
+from kpbench.haproxy import BACKEND, SLOT, enabled_servers
+
+__all__ = ["BACKEND", "SLOT", "Slots", "enabled_servers", "haproxy_config", "runtime"]
 
 
 def haproxy_config(protocol: str, listen_port: int, target_port: int, slots: int,
                    runtime_socket: Path) -> str:
-    """haproxy.cfg for one proxy pod."""
-    h2 = " proto h2" if protocol == "grpc" else ""
-    return "\n".join([
-        "global",
-        f"    stats socket {runtime_socket} mode 600 level admin",
-        "defaults",
-        "    mode http",
-        "    timeout connect 1s",
-        "    timeout client 1h",
-        "    timeout server 1h",
-        "    timeout http-keep-alive 1h",
-        # a pod that stopped listening before its slot was emptied: try another one
-        "    retries 3",
-        "    option redispatch 1",
-        "    retry-on conn-failure empty-response",
-        "frontend ingress",
-        f"    bind :{listen_port}{h2}",
-        f"    default_backend {BACKEND}",
-        f"backend {BACKEND}",
-        "    balance roundrobin",
-        f"    server-template {SLOT} 1-{slots} 127.0.0.1:{target_port} disabled{h2}",
-        "",
-    ])
+    """haproxy.cfg for one lab proxy pod: every slot disabled until the runtime API fills it."""
+    return haproxy.haproxy_config(protocol, listen_port, runtime_socket,
+                                  haproxy.RuntimeSlots(target_port, slots))
 
 
 @dataclass
@@ -91,23 +71,6 @@ class Slots:
                 self.cursor = slot
                 return slot
         raise RuntimeError(f"the L7 proxy has only {self.count} server slots")
-
-
-def enabled_servers(servers_state: str) -> list[str]:
-    """`ip:port` of the slots taking requests, from `show servers state backend`."""
-    lines = servers_state.splitlines()
-    header = next((line for line in lines if line.startswith("# be_id")), None)
-    if header is None:
-        return []
-    names = header[2:].split()
-    enabled = []
-    for line in lines:
-        if not line.strip() or line.startswith("#") or line.strip().isdigit():
-            continue
-        row = dict(zip(names, line.split(), strict=False))
-        if row.get("srv_op_state") == "2":  # SRV_ST_RUNNING: takes requests
-            enabled.append(f"{row['srv_addr']}:{row['srv_port']}")
-    return enabled
 
 
 def runtime(runtime_socket: Path, command: str, timeout: float = 5.0) -> str:
