@@ -1,7 +1,7 @@
 """`--backend kind` and `--backend cluster`: real Kubernetes (design §6.3).
 
 KindBackend: one kind cluster per mode, named `kpbench-<mode>-<config hash>` (1 control plane +
-`cluster.nodes` workers, `kpbench/manifests/kind/cluster.yaml.j2`, the node image pinned by
+`cluster.nodes` workers, `manifests/kind/cluster.yaml.j2`, the node image pinned by
 digest), reused across the cells of that mode and across runs with the same hash, and deleted
 after the mode's last cell unless `--keep-cluster`, so that only one cluster runs at a time (on
 Ctrl-C, the clusters this run created are deleted unless `--keep-cluster`). Its kubeconfig and
@@ -330,7 +330,7 @@ class ClusterBackend(_KubeBackendBase):
                 problems.append(f"--kubeconfig {self.kubeconfig}: no such file")
         if not self.image_name:
             problems.append("set KPBENCH_IMAGE to the kpbench image in a registry the cluster "
-                            "can pull from (docker build -f kpbench/manifests/Dockerfile -t IMAGE "
+                            "can pull from (docker build -f manifests/Dockerfile -t IMAGE "
                             ". && docker push IMAGE)")
         problems += workload_problems(experiment)
         if problems:

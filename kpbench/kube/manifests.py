@@ -1,7 +1,7 @@
 """Everything the kind and cluster backends send to Docker, kind and Kubernetes, rendered offline.
 
-Templates are package data under `kpbench/manifests/` (read through the package, so an installed
-wheel renders them as a source checkout does; Jinja2, values inserted through `tojson` so that no
+Templates live in the repository's `manifests/`, which the wheel carries as
+`kpbench/manifests/` (so an installed wheel renders them as a source checkout does; Jinja2, values inserted through `tojson` so that no
 value can break the YAML): `kind/cluster.yaml.j2` (the kind cluster per mode),
 `app/backend.yaml.j2` (Deployment, Services, HPA), `app/locust.yaml.j2`, `app/l7-proxy.yaml.j2`
 (HAProxy for `workload.proxy: l7`, its `haproxy.cfg` from `kpbench.haproxy` as in the lab),
@@ -43,7 +43,15 @@ from kpbench.config import L7_PROXY_REPLICAS, Experiment
 from kpbench.ipvs import scheduler_of
 from kpbench.workload.plan import spawn_rate
 
-MANIFESTS = importlib.resources.files("kpbench") / "manifests"
+
+
+def _manifests_folder() -> Path:
+    """The repository's `manifests/`, or its copy inside an installed wheel (`kpbench/manifests`)."""
+    installed = Path(str(importlib.resources.files("kpbench"))) / "manifests"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "manifests"
+
+
+MANIFESTS = _manifests_folder()
 
 NODE_IMAGE = (
     "kindest/node:v1.34.0@sha256:7416a61b42b1662ca6ca89f02028ac133a309a2a30ba309614e8ec94d976dc5a"
@@ -70,7 +78,7 @@ BACKEND_SELECTOR = "app.kubernetes.io/name=backend"
 CLUSTER_PREFIX = "kpbench-"
 
 _environment = jinja2.Environment(
-    loader=jinja2.PackageLoader("kpbench", "manifests"),
+    loader=jinja2.FileSystemLoader(MANIFESTS),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,  # YAML, not HTML; values go through `tojson`
