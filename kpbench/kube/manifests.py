@@ -1,8 +1,8 @@
 """Everything the kind and cluster backends send to Docker, kind and Kubernetes, rendered offline.
 
 Templates live in the repository's `manifests/`, which the wheel carries as
-`kpbench/manifests/` (so an installed wheel renders them as a source checkout does; Jinja2, values inserted through `tojson` so that no
-value can break the YAML): `kind/cluster.yaml.j2` (the kind cluster per mode),
+`kpbench/manifests/` (so an installed wheel renders them as a source checkout does; Jinja2,
+values inserted through `tojson` so that no value can break the YAML): `kind/cluster.yaml.j2` (the kind cluster per mode),
 `app/backend.yaml.j2` (Deployment, Services, HPA), `app/locust.yaml.j2`, `app/l7-proxy.yaml.j2`
 (HAProxy for `workload.proxy: l7`, its `haproxy.cfg` from `kpbench.haproxy` as in the lab),
 `metrics-server.yaml` and `Dockerfile`.
@@ -44,9 +44,8 @@ from kpbench.ipvs import scheduler_of
 from kpbench.workload.plan import spawn_rate
 
 
-
 def _manifests_folder() -> Path:
-    """The repository's `manifests/`, or its copy inside an installed wheel (`kpbench/manifests`)."""
+    """The repository's `manifests/`, or its copy in an installed wheel (`kpbench/manifests`)."""
     installed = Path(str(importlib.resources.files("kpbench"))) / "manifests"
     return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "manifests"
 
