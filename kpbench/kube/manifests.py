@@ -2,7 +2,8 @@
 
 Templates live in the repository's `manifests/`, which the wheel carries as
 `kpbench/manifests/` (so an installed wheel renders them as a source checkout does; Jinja2,
-values inserted through `tojson` so that no value can break the YAML): `kind/cluster.yaml.j2` (the kind cluster per mode),
+values inserted through `tojson` so that no value can break the YAML): `kind/cluster.yaml.j2`
+(the kind cluster per mode),
 `app/backend.yaml.j2` (Deployment, Services, HPA), `app/locust.yaml.j2`, `app/l7-proxy.yaml.j2`
 (HAProxy for `workload.proxy: l7`, its `haproxy.cfg` from `kpbench.haproxy` as in the lab),
 `metrics-server.yaml` and `Dockerfile`.
