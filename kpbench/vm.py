@@ -29,13 +29,16 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 QEMU = "qemu-system-x86_64"
 MARKER = "kpbench-vm"  # in QEMU's -name, so leftovers can be recognised
@@ -154,10 +157,21 @@ def command_script(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> st
 
 
 def qemu_argv(*, kernel: Kernel, initramfs: Path, share: Path, console_log: Path, accel: str,
-              memory_mib: int, cpus: int, name: str) -> list[str]:
+              memory_mib: int, cpus: int, name: str, agent_socket: Path | None = None,
+              taps: Sequence[str] = ()) -> list[str]:
+    """QEMU's command line. `agent_socket`: a virtio serial port for `kpbench.vm_agent`;
+    `taps`: one virtio NIC per tap device name (created by QEMU in its own namespace), MAC
+    `52:54:00:00:00:<index + 1>` so that the guest can tell them apart."""
     accel_args = (["-accel", "kvm", "-cpu", "host"] if accel == "kvm"
-                  else ["-accel", "tcg,thread=multi,tb-size=256"])
+                  else ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max"])
     cmdline = f"console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init kpbench.share={share}"
+    agent = [] if agent_socket is None else [
+        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser",
+        "-device", "virtserialport,bus=vser.0,chardev=agent,name=kpbench.agent"]
+    nics = [arg for i, tap in enumerate(taps) for arg in (
+        "-netdev", f"tap,id=tap{i},ifname={tap},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=tap{i},mac={tap_mac(i)}")]
     return [
         QEMU, "-name", name, *accel_args, "-m", f"{memory_mib}M", "-smp", str(cpus),
         "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
@@ -167,7 +181,12 @@ def qemu_argv(*, kernel: Kernel, initramfs: Path, share: Path, console_log: Path
         "-fsdev", f"local,id=share,path={share},security_model=none,multidevs=remap",
         "-device", f"virtio-9p-pci,fsdev=share,mount_tag={SHARE_TAG}",
         "-serial", f"file:{console_log}", "-serial", "stdio",
+        *agent, *nics,
     ]
+
+
+def tap_mac(index: int) -> str:
+    return f"52:54:00:00:00:{index + 1:02x}"
 
 
 # -- I/O: the initramfs, the probe, the run ----------------------------------------------------
@@ -365,3 +384,138 @@ def kill_leftovers() -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return pids
+
+
+@dataclass(frozen=True)
+class Completed:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Session:
+    """A kernel VM that stays up while the host runs commands in it (`kpbench.vm_agent`).
+
+    `taps` become virtio NICs (see `qemu_argv`); QEMU creates them in `netns` (a namespace the
+    caller made; the root namespace when None), where the caller can move them on. Commands
+    run one at a time, as root in the guest's root namespace. Leaving the `with` block, an
+    error or a signal stops the VM; no QEMU process outlives its caller.
+    """
+
+    def __init__(self, *, kernel: Kernel | None = None, accel: str = "auto",
+                 memory_mib: int = 512, cpus: int = 2, taps: Sequence[str] = (),
+                 netns: str | None = None, boot_timeout: float = 240.0,
+                 on_output: Callable[[str], None] | None = None) -> None:
+        self.kernel = kernel or default_kernel()
+        self.accel = choose_accel(self.kernel, accel) if accel == "auto" else accel
+        self._options = (memory_mib, cpus, tuple(taps), netns, boot_timeout, on_output)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: socket.socket | None = None
+        self._reader: Any = None
+        self._share: Path | None = None
+        self.boot_seconds = 0.0
+
+    def __enter__(self) -> Session:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        problem = preflight()
+        if problem:
+            raise VmError(problem)
+        memory_mib, cpus, taps, netns, boot_timeout, on_output = self._options
+        initramfs = build_initramfs(self.kernel)
+        self._share = share = Path(tempfile.mkdtemp(prefix="kpbench-vm-"))
+        env = {k: os.environ[k] for k in ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LANG")
+               if k in os.environ}
+        (share / INIT_FILE).write_text(stage2_script(share))
+        (share / COMMAND_FILE).write_text(command_script(
+            [sys.executable, "-m", "kpbench.vm_agent"], env, Path(__file__).resolve().parents[1]))
+        socket_path = share / "agent.sock"
+        args = qemu_argv(kernel=self.kernel, initramfs=initramfs, share=share,
+                         console_log=share / "console.log", accel=self.accel,
+                         memory_mib=memory_mib, cpus=cpus, name=f"{MARKER}-{os.getpid()}",
+                         agent_socket=socket_path, taps=taps)
+        if netns is not None:
+            args = ["ip", "netns", "exec", netns, *args]
+        started = time.monotonic()
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        threading.Thread(target=self._pump, args=(on_output,), daemon=True).start()
+        deadline = started + boot_timeout
+        while not socket_path.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise VmError(f"QEMU did not open its agent socket within {boot_timeout:.0f} s")
+            time.sleep(0.05)
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel.connect(str(socket_path))
+        channel.settimeout(max(deadline - time.monotonic(), 1.0))
+        self._channel, self._reader = channel, channel.makefile("rb")
+        hello = self._receive(f"the guest's agent did not start within {boot_timeout:.0f} s")
+        if not hello.get("ready"):
+            raise VmError(f"the guest's agent said {hello}")
+        self.boot_seconds = time.monotonic() - started
+
+    def _pump(self, on_output: Callable[[str], None] | None) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for raw in self._process.stdout:
+            if on_output is not None:
+                on_output(raw.decode(errors="replace").rstrip("\r\n"))
+
+    def _check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            log = self.console_log()
+            tail = " | ".join(log.strip().splitlines()[-3:])
+            raise VmError(f"the VM stopped (QEMU exit {self._process.returncode}; {tail})")
+
+    def _receive(self, timeout_message: str) -> dict[str, Any]:
+        try:
+            line = self._reader.readline()
+        except TimeoutError:
+            raise VmError(timeout_message) from None
+        if not line:
+            self._check_alive()
+            raise VmError("the guest's agent closed its channel")
+        return dict(json.loads(line))
+
+    def run(self, argv: Sequence[str], input_text: str | None = None,
+            timeout: float = 120.0) -> Completed:
+        """Run `argv` in the guest and wait for it; never raises for a non-zero exit."""
+        if self._channel is None:
+            raise VmError("the VM is not running")
+        request = {"argv": list(argv), "input": input_text, "timeout": timeout}
+        self._channel.settimeout(timeout + 30.0)
+        self._channel.sendall(json.dumps(request).encode() + b"\n")
+        reply = self._receive(f"no answer from the guest within {timeout + 30:.0f} s "
+                              f"for {shlex.join(argv)[:80]}")
+        return Completed(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]))
+
+    def console_log(self) -> str:
+        path = self._share / "console.log" if self._share else None
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def close(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.sendall(b'{"exit": true}\n')
+            self._channel.close()
+            self._channel = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill(self._process)
+            self._process = None
+        if self._share is not None:
+            shutil.rmtree(self._share, ignore_errors=True)
+            self._share = None

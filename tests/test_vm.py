@@ -94,3 +94,16 @@ def test_a_signalled_caller_leaves_no_qemu_behind(signum: int) -> None:
     while _our_qemu(caller.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _our_qemu(caller.pid) == []
+
+
+@needs_vm
+def test_a_session_runs_commands_until_it_is_closed() -> None:
+    with vm.Session(accel="tcg", memory_mib=256, cpus=1) as session:
+        assert session.run(["uname", "-r"]).stdout.strip() == session.kernel.release
+        failed = session.run(["sh", "-c", "echo out; echo err >&2; exit 4"])
+        assert (failed.rc, failed.stdout, failed.stderr) == (4, "out\n", "err\n")
+        assert session.run(["cat"], input_text="through stdin").stdout == "through stdin"
+        assert session.run(["no-such-command"]).rc == 127
+        owner = os.getpid()
+        assert _our_qemu(owner)
+    assert _our_qemu(owner) == []

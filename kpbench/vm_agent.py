@@ -1,0 +1,57 @@
+"""The kernel VM's agent: runs commands in the guest for the host, one JSON line each way.
+
+Started by `kpbench.vm.Session` as the guest's command. Standard library only (imports are slow
+in an emulated guest). It loads the virtio console and network drivers, opens the virtio serial
+port named `kpbench.agent`, says `{"ready": true, "kernel": ...}`, then answers each request
+`{"argv": [...], "input": str | null, "timeout": s}` with `{"rc", "stdout", "stderr"}`, until
+`{"exit": true}` or the host goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PORT_NAME = "kpbench.agent"
+
+
+def find_port(name: str, timeout: float = 30.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for port in Path("/sys/class/virtio-ports").glob("vport*"):
+            if (port / "name").read_text().strip() == name:
+                return Path("/dev") / port.name
+        time.sleep(0.1)
+    raise SystemExit(f"vm agent: no virtio port named {name}")
+
+
+def answer(request: dict) -> dict:
+    try:
+        done = subprocess.run(request["argv"], input=request.get("input"), capture_output=True,
+                              text=True, timeout=request.get("timeout") or None)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return {"rc": 127, "stdout": "", "stderr": f"{type(error).__name__}: {error}"}
+    return {"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def main() -> int:
+    for module in ("virtio_console", "virtio_net"):
+        subprocess.run(["modprobe", module], check=False)
+    port = find_port(PORT_NAME)
+    with open(port, "r+b", buffering=0) as channel:
+        reader = os.fdopen(os.dup(channel.fileno()), "rb")
+        channel.write(json.dumps({"ready": True, "kernel": os.uname().release}).encode() + b"\n")
+        for line in reader:
+            request = json.loads(line)
+            if request.get("exit"):
+                break
+            channel.write(json.dumps(answer(request)).encode() + b"\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
