@@ -510,10 +510,8 @@ class Session:
             self._channel.close()
             self._channel = None
         if self._process is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
             _kill(self._process)
             self._process = None
         if self._share is not None:
