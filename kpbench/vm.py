@@ -499,6 +499,15 @@ class Session:
                               f"for {shlex.join(argv)[:80]}")
         return Completed(int(reply["rc"]), str(reply["stdout"]), str(reply["stderr"]))
 
+    def read(self, path: str, netns: str | None = None, timeout: float = 60.0) -> Completed:
+        """Read a file in the guest, inside network namespace `netns` (no process started)."""
+        if self._channel is None:
+            raise VmError("the VM is not running")
+        self._channel.settimeout(timeout)
+        self._channel.sendall(json.dumps({"read": path, "netns": netns}).encode() + b"\n")
+        reply = self._receive(f"no answer from the guest within {timeout:.0f} s reading {path}")
+        return Completed(int(reply["rc"]), str(reply["stdout"]), str(reply.get("stderr", "")))
+
     def console_log(self) -> str:
         path = self._share / "console.log" if self._share else None
         return path.read_text(errors="replace") if path and path.exists() else ""

@@ -104,6 +104,11 @@ def test_a_session_runs_commands_until_it_is_closed() -> None:
         assert (failed.rc, failed.stdout, failed.stderr) == (4, "out\n", "err\n")
         assert session.run(["cat"], input_text="through stdin").stdout == "through stdin"
         assert session.run(["no-such-command"]).rc == 127
+        assert session.run(["ip", "netns", "add", "n1"]).rc == 0
+        assert session.run(["ip", "netns", "exec", "n1", "modprobe", "ip_vs"]).rc == 0
+        read = session.read("/proc/net/ip_vs", netns="n1")
+        assert read.rc == 0 and read.stdout.startswith("IP Virtual Server version")
+        assert session.read("/proc/net/no-such-file").rc == 1
         owner = os.getpid()
         assert _our_qemu(owner)
     assert _our_qemu(owner) == []
