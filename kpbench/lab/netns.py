@@ -91,9 +91,13 @@ class Topology:
     def _sysctl(self, namespace: str, *settings: str) -> None:
         run("ip", "netns", "exec", namespace, "sysctl", "-qw", *settings)
 
-    def create(self) -> None:
+    def register_owner(self) -> None:
+        """Record this process as the run's owner, so `kpbench clean` leaves the run alone."""
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
         (OWNERS_DIR / self.tag).write_text(f"{os.getpid()}\n")
+
+    def create(self) -> None:
+        self.register_owner()
         self._next_host = [2] * self.nodes
         self._add_namespace(self.bridge_ns)
         run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
