@@ -121,6 +121,7 @@ class Cluster(_Strict):
     nodes: int = Field(3, ge=1, le=250)
     node_image: str | None = None
     endpoint_sync_seconds: float = Field(1.0, ge=0)
+    lab_kernel: Literal["auto", "host", "vm"] = "auto"
 
 
 class Backend(_Strict):

@@ -50,12 +50,13 @@ import pandas as pd
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpbench import control, ipvs
+from kpbench import control, ipvs, vm
 from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
 from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell, Experiment
 from kpbench.dataplane import IPVS_GRACEFUL_CHECK_SECONDS
 from kpbench.lab import l7, netns, rules
 from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
+from kpbench.lab.nodes import HostNodes, NodePlane, VmNodes, VmTopology
 
 HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_HTTP_PORT = 8080, 9090, 9102, 80
 LOCUST_MASTER_PORT = 5557
@@ -63,7 +64,30 @@ LOCUST_RUN_TIME_MARGIN_SECONDS = 600  # Locust is stopped by SIGTERM when the ce
 READY_POLL_SECONDS = 0.2
 STARTUP_TIMEOUT_SECONDS = 60.0
 L7_SLOTS = 256  # backend pods an L7 proxy can hold at once
+VM_MEMORY_MIB = 512  # the guest runs only the nodes' kernel and a small agent
 TOOLS = ("ip", "iptables-restore", "iptables-save", "nft", "conntrack", "sysctl")
+
+
+def needs_kernel_feature(mode: str) -> bool:
+    return mode.startswith("ipvs-")
+
+
+def choose_placement(requested: str, mode: str, host_problem: str | None,
+                     vm_problem: str | None) -> tuple[str | None, str | None]:
+    """Where a cell's nodes run: (`host` or `vm`, None), or (None, why neither can).
+
+    `auto` takes the host unless the mode needs a feature the host lacks (`host_problem`,
+    e.g. no IPVS), then the kernel VM. Pure: the problems are found by the caller."""
+    if requested == "host" or (requested == "auto" and not needs_kernel_feature(mode)):
+        if needs_kernel_feature(mode) and host_problem:
+            return None, f"cluster.lab_kernel is host, but {host_problem}"
+        return "host", None
+    if requested == "auto" and host_problem is None:
+        return "host", None
+    if vm_problem is not None:
+        prefix = "" if requested == "vm" else f"{host_problem}; and the kernel VM cannot run: "
+        return None, prefix + vm_problem
+    return "vm", None
 
 
 def ipvs_unavailable() -> str | None:
@@ -107,9 +131,13 @@ class LabBackend:
         return None
 
     def unsupported_reason(self, mode: str) -> str | None:
-        if mode.startswith("ipvs-"):
-            return ipvs_unavailable()
-        return None
+        return self.placement("auto", mode)[1]
+
+    @staticmethod
+    def placement(requested: str, mode: str) -> tuple[str | None, str | None]:
+        host_problem = ipvs_unavailable() if needs_kernel_feature(mode) else None
+        vm_problem = vm.preflight() if requested == "vm" or host_problem else None
+        return choose_placement(requested, mode, host_problem, vm_problem)
 
     def versions(self) -> dict[str, Any]:
         def first_line(*command: str) -> str | None:
@@ -132,10 +160,10 @@ class LabBackend:
         }
 
     def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
-        reason = self.unsupported_reason(cell.mode)
-        if reason is not None:
-            raise Unsupported(reason)
-        return LabCell(cell).run(progress)
+        placement, reason = self.placement(cell.config.cluster.lab_kernel, cell.mode)
+        if placement is None:
+            raise Unsupported(str(reason))
+        return LabCell(cell, placement).run(progress)
 
     def close(self) -> None:
         return None
@@ -195,15 +223,27 @@ def parse_conntrack(text: str) -> list[tuple[str, int, str]]:
     return flows
 
 
+def established_to(text: str, address: str) -> str:
+    """The lines of `/proc/net/nf_conntrack` for established TCP connections to `address`
+    (what `conntrack -L -p tcp --orig-dst ADDRESS --state ESTABLISHED` prints)."""
+    return "\n".join(
+        line for line in text.splitlines()
+        if " tcp " in f" {line} " and " ESTABLISHED " in line
+        and next((p[4:] for p in line.split() if p.startswith("dst=")), None) == address)
+
+
 class LabCell:
     """One cell in real time."""
 
-    def __init__(self, cell: Cell) -> None:
+    def __init__(self, cell: Cell, placement: str = "host") -> None:
         self.cell = cell
         self.cfg = cell.config
+        self.placement = placement
+        self.session: vm.Session | None = None
         streams = np.random.SeedSequence([ROOT_SEED, cell.seed]).spawn(2)
         self.rng_control = random.Random(int(streams[1].generate_state(1)[0]))
-        self.topology = Topology(self.cfg.cluster.nodes)
+        self.topology = (VmTopology if placement == "vm" else Topology)(self.cfg.cluster.nodes)
+        self.nodes: NodePlane = HostNodes(self.topology)
         self.service = rules.Service(
             "kpbench", "backend", self.cfg.workload.protocol, CLUSTER_IP,
             SERVICE_HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT,
@@ -373,18 +413,17 @@ class LabCell:
             self.sync_proxies(self.serving())
         endpoints = self.dataplane_endpoints()
         for node in range(self.cfg.cluster.nodes):
-            namespace = self.topology.node_ns(node)
             if self.scheduler is not None:
-                current = self.ipvs_service(namespace)
-                self.ipvsadm(namespace, ipvs.sync_commands(
+                current = self.ipvs_service(node)
+                self.ipvsadm(node, ipvs.sync_commands(
                     self.service_address, current.real_servers if current else [],
                     [str(e) for e in endpoints]))
             elif self.cell.mode == "iptables":
-                netns.run(*netns.ns_exec(namespace, ["iptables-restore"]),
-                          input_text=rules.iptables_restore(self.service, endpoints))
+                self.nodes.run(node, ["iptables-restore"],
+                               rules.iptables_restore(self.service, endpoints))
             else:
-                netns.run(*netns.ns_exec(namespace, ["nft", "-f", "-"]),
-                          input_text=rules.nft_ruleset(self.service, endpoints))
+                self.nodes.run(node, ["nft", "-f", "-"],
+                               rules.nft_ruleset(self.service, endpoints))
         return {"endpoints": len(endpoints)}
 
     def dataplane_endpoints(self) -> list[rules.Endpoint]:
@@ -456,44 +495,40 @@ class LabCell:
         """
         assert self.scheduler is not None
         for node in range(self.cfg.cluster.nodes):
-            namespace = self.topology.node_ns(node)
-            netns.run(*netns.ns_exec(namespace, ["sysctl", "-qw", *ipvs.SYSCTLS]))
+            self.nodes.run(node, ["sysctl", "-qw", *ipvs.SYSCTLS])
             try:
-                netns.run("ip", "-n", namespace, "link", "add", ipvs.DUMMY_DEVICE, "type",
-                          "dummy")
+                self.nodes.run(node, ["ip", "link", "add", ipvs.DUMMY_DEVICE, "type", "dummy"])
             except netns.LabError as exc:
                 raise Unsupported(f"the lab's IPVS modes need the dummy link type for "
                                   f"{ipvs.DUMMY_DEVICE}: {exc}") from exc
-            netns.run("ip", "-n", namespace, "addr", "add", f"{CLUSTER_IP}/32", "dev",
-                      ipvs.DUMMY_DEVICE)
+            self.nodes.run(node, ["ip", "addr", "add", f"{CLUSTER_IP}/32", "dev",
+                                  ipvs.DUMMY_DEVICE])
             try:
-                self.ipvsadm(namespace, ipvs.create_service(self.service_address, self.scheduler))
+                self.ipvsadm(node, ipvs.create_service(self.service_address, self.scheduler))
             except netns.LabError as exc:
                 if "not found" not in str(exc):  # ipvsadm: "Scheduler ... not found"
                     raise
                 raise Unsupported(f"IPVS scheduler {self.scheduler} is not available in this "
                                   f"kernel: {exc}") from exc
 
-    def ipvsadm(self, namespace: str, commands: list[str]) -> None:
+    def ipvsadm(self, node: int, commands: list[str]) -> None:
         if commands:
-            netns.run(*netns.ns_exec(namespace, ["ipvsadm", "--restore"]),
-                      input_text="\n".join(commands) + "\n")
+            self.nodes.run(node, ["ipvsadm", "--restore"], "\n".join(commands) + "\n")
 
-    def ip_vs_text(self, namespace: str, table: str = "ip_vs") -> str:
-        return netns.run(*netns.ns_exec(namespace, ["cat", f"/proc/net/{table}"]))
+    def ip_vs_text(self, node: int, table: str = "ip_vs") -> str:
+        return self.nodes.read(node, f"/proc/net/{table}")
 
-    def ipvs_service(self, namespace: str) -> ipvs.VirtualService | None:
-        return ipvs.find_service(ipvs.parse_ip_vs(self.ip_vs_text(namespace)),
+    def ipvs_service(self, node: int) -> ipvs.VirtualService | None:
+        return ipvs.find_service(ipvs.parse_ip_vs(self.ip_vs_text(node)),
                                  self.service_address)
 
     def ipvs_graceful_pass(self) -> None:
         """kube-proxy's graceful termination manager: drop quiesced servers without connections."""
         for node in range(self.cfg.cluster.nodes):
-            namespace = self.topology.node_ns(node)
-            current = self.ipvs_service(namespace)
+            current = self.ipvs_service(node)
             if current is not None:
-                self.ipvsadm(namespace, ipvs.graceful_deletions(self.service_address,
-                                                                current.real_servers))
+                self.ipvsadm(node, ipvs.graceful_deletions(self.service_address,
+                                                           current.real_servers))
 
     def read_back(self) -> dict[str, Any]:
         """Read every node's rules back from the kernel and check them against the mode."""
@@ -501,9 +536,8 @@ class LabCell:
         checked = []
         example: list[str] = []
         for node in range(self.cfg.cluster.nodes):
-            namespace = self.topology.node_ns(node)
             if self.scheduler is not None:
-                service = self.ipvs_service(namespace)
+                service = self.ipvs_service(node)
                 weighted = sorted(rs.address for rs in service.real_servers
                                   if rs.weight > 0) if service else []
                 ok = (service is not None and service.scheduler == self.scheduler
@@ -514,7 +548,7 @@ class LabCell:
                     *(f"-> {rs.address} {rs.forward} weight {rs.weight}"
                       for rs in service.real_servers)]
             elif self.cell.mode == "iptables":
-                text = netns.run(*netns.ns_exec(namespace, ["iptables-save", "-t", "nat"]))
+                text = self.nodes.run(node, ["iptables-save", "-t", "nat"])
                 seen = [line for line in text.splitlines()
                         if line.startswith(f"-A {rules.service_chain(self.service)} ")]
                 found = [float(line.split("--probability ")[1].split()[0])
@@ -523,8 +557,7 @@ class LabCell:
                 ok = len(seen) == n and all(abs(a - b) < 1e-6 for a, b in
                                             zip(found, expected, strict=True))
             else:
-                text = netns.run(*netns.ns_exec(namespace, ["nft", "list", "table", "ip",
-                                                            "kube-proxy"]))
+                text = self.nodes.run(node, ["nft", "list", "table", "ip", "kube-proxy"])
                 seen = [line.strip() for line in text.splitlines() if "numgen" in line]
                 ok = len(seen) == 1 and f"numgen random mod {n} vmap" in seen[0]
             checked.append(ok)
@@ -535,6 +568,7 @@ class LabCell:
                                    f"not match {n} endpoints: {seen[:3]}")
         proxy = self.proxy_read_back() if self.proxies else {}
         return {"mode": self.cell.mode, "verified": all(checked), "endpoints": n,
+                "kernel": self.nodes.describe(),
                 "nodes_checked": len(checked), "example_rules_node_1": example,
                 "source": "read back from each node's kernel "
                           "(iptables-save / nft list / /proc/net/ip_vs)", **proxy}
@@ -649,25 +683,23 @@ class LabCell:
         """Each node's real servers of the service, with weights and counts, for `ipvs.csv`."""
         by_ip = self.names_by_ip()
         for node in range(self.cfg.cluster.nodes):
-            text = self.ip_vs_text(self.topology.node_ns(node))
+            text = self.ip_vs_text(node)
             self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", text,
                                                 self.service_address, by_ip)
 
     def established(self, node: int) -> list[tuple[str, int, str]]:
         """(client ip, client port, pod ip) of the service's established connections on `node`:
         from the IPVS connection table in IPVS modes, else from conntrack."""
-        namespace = self.topology.node_ns(node)
         if self.scheduler is not None:
             return [(c.client.rsplit(":", 1)[0], int(c.client.rsplit(":", 1)[1]),
                      c.destination.rsplit(":", 1)[0])
-                    for c in ipvs.parse_ip_vs_conn(self.ip_vs_text(namespace, "ip_vs_conn"))
+                    for c in ipvs.parse_ip_vs_conn(self.ip_vs_text(node, "ip_vs_conn"))
                     if c.state == "ESTABLISHED" and c.virtual == self.service_address]
-        done = subprocess.run(
-            netns.ns_exec(namespace, ["conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP,
-                                      "--state", "ESTABLISHED"]),
-            capture_output=True, text=True,
-        )
-        return parse_conntrack(done.stdout)
+        if self.placement == "vm":  # a file read: no process started in the emulated guest
+            return parse_conntrack(established_to(self.nodes.read(node, "/proc/net/nf_conntrack"),
+                                                  CLUSTER_IP))
+        return parse_conntrack(self.nodes.run(node, [
+            "conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP, "--state", "ESTABLISHED"]))
 
     def read_conntrack(self, t: float) -> None:
         by_ip = self.names_by_ip()
@@ -708,6 +740,19 @@ class LabCell:
 
     # -- the cell ------------------------------------------------------------------------------
 
+    def create_nodes(self) -> None:
+        """The topology, with its nodes on the host or in the kernel VM."""
+        if not isinstance(self.topology, VmTopology):
+            self.topology.create()
+            return
+        self.topology.create_host_side()
+        taps = [self.topology.tap(n) for n in range(self.cfg.cluster.nodes)]
+        self.session = vm.Session(taps=taps, netns=self.topology.vm_ns, memory_mib=VM_MEMORY_MIB)
+        self.session.start()
+        self.topology.attach_taps()
+        self.nodes = VmNodes(self.session)
+        self.nodes.guest(["sh", "-c", self.topology.guest_script()])
+
     def run(self, progress: Progress) -> CellResult:
         try:
             return self._run(progress)
@@ -717,7 +762,7 @@ class LabCell:
     def _run(self, progress: Progress) -> CellResult:
         cfg = self.cfg
         self.t0 = time.monotonic()
-        self.topology.create()
+        self.create_nodes()
         if self.scheduler is not None:
             self.prepare_ipvs()
         if self.cfg.workload.proxy == "l7":
@@ -851,6 +896,8 @@ class LabCell:
         for proxy in self.proxies:
             proxy.log.close()
         self.scraper.shutdown(wait=False, cancel_futures=True)
+        if self.session is not None:
+            self.session.close()
         self.topology.destroy()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
