@@ -50,9 +50,9 @@ def figures(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the default test suite (slow tests excluded)."""
+    """Run the default test suite (slow tests and lab cells in the kernel VM excluded)."""
     _install(session, "test")
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow and not vm", *session.posargs)
 
 
 @nox.session(name="tests-slow", default=False)
@@ -75,6 +75,13 @@ def bench(session: nox.Session) -> None:
     """Print speed and memory figures of the simulator (no assertions)."""
     _install(session)
     session.run("python", "-m", "kpbench.bench", *session.posargs)
+
+
+@nox.session(name="tests-vm", default=False)
+def tests_vm(session: nox.Session) -> None:
+    """Run the lab tests whose nodes run in the kernel VM (IPVS where the host has none)."""
+    _install(session, "test")
+    session.run("pytest", "-m", "vm", "-rs", *session.posargs)
 
 
 @nox.session(name="kernel-conformance", default=False)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from kpbench.lab.backend import ipvs_unavailable
+from kpbench.lab.backend import LabBackend
 from kpbench.lab.netns import namespace_pids, run_owner, suite_namespaces
 from kpbench.results import load_run
 
@@ -211,19 +211,23 @@ def test_ipvs_cells_are_unsupported_on_a_kernel_without_ipvs(tmp_path: Path) -> 
     if Path("/proc/net/ip_vs").exists():
         pytest.skip("this kernel has IPVS")
     config = write_config(tmp_path, "name: lab-ipvs\nmodes: [ipvs-rr, ipvs-sh]\nseeds: 1\n"
-                                    "duration_seconds: 5\n")
+                                    "duration_seconds: 5\ncluster: {lab_kernel: host}\n")
     run = load_run(run_lab(config, tmp_path))
     assert {c["status"] for c in run.cells} == {"UNSUPPORTED"}
-    assert all("no IPVS" in c["error"] for c in run.cells)
+    assert all("lab_kernel is host" in c["error"] and "no IPVS" in c["error"]
+               for c in run.cells)
 
 
-ipvs_missing = ipvs_unavailable()
+ipvs_missing = LabBackend.placement("auto", "ipvs-rr")[1]
 needs_ipvs = pytest.mark.skipif(ipvs_missing is not None,
                                 reason=f"lab IPVS modes: {ipvs_missing}")
+# Where the host kernel has no IPVS, these cells run their nodes in the kernel VM.
+vm_if_needed = pytest.mark.vm if LabBackend.placement("auto", "ipvs-rr")[0] == "vm" else []
 
 
 @needs_ipvs
-@pytest.mark.parametrize("mode", ["ipvs-rr", "ipvs-lc", "ipvs-sh"])
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=vm_if_needed)
+                                  for m in ("ipvs-rr", "ipvs-lc", "ipvs-sh")])
 def test_ipvs_modes_spread_as_their_scheduler_does(tmp_path: Path, mode: str) -> None:
     nodes, pods, clients, connections = 2, 6, 4, 120
     config = write_config(tmp_path, f"""
@@ -262,7 +266,9 @@ workload: {{clients: {clients}, connections: {connections}, ramp_seconds: 3}}
 
 @needs_ipvs
 @pytest.mark.slow
-def test_ipvs_rollout_quiesces_and_then_deletes_old_real_servers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [pytest.param("ipvs-rr", marks=vm_if_needed)])
+def test_ipvs_rollout_quiesces_and_then_deletes_old_real_servers(tmp_path: Path,
+                                                                 mode: str) -> None:
     config = write_config(tmp_path, """
 name: lab-ipvs-rollout
 modes: [ipvs-rr]

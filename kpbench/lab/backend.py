@@ -267,6 +267,7 @@ class LabCell:
         self.flows: dict[tuple[int, str, int, str], list[float]] = {}
         self.sync_pending = False
         self.sample_lateness: list[float] = []
+        self.sync_durations: list[float] = []  # writing every node's rules, per endpoint sync
         self.workdir = Path(tempfile.mkdtemp(prefix="kpbench-lab-"))
         self.locust: list[subprocess.Popen[bytes]] = []
         self.clients: list[tuple[str, str, int]] = []
@@ -408,6 +409,13 @@ class LabCell:
                       key=lambda e: tuple(int(x) for x in e.ip.split(".")))
 
     def sync(self) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            return self._sync()
+        finally:
+            self.sync_durations.append(time.monotonic() - started)
+
+    def _sync(self) -> dict[str, Any]:
         self.sync_pending = False
         if self.proxies:
             self.sync_proxies(self.serving())
@@ -869,10 +877,13 @@ class LabCell:
             artifacts["ipvs.csv"] = pd.DataFrame(self.ipvs_rows, columns=ipvs.ROW_COLUMNS).to_csv(
                 index=False).encode()
         lateness = np.asarray(self.sample_lateness) if self.sample_lateness else np.zeros(1)
+        syncs = np.asarray(self.sync_durations) if self.sync_durations else np.zeros(1)
         dataplane = dataplane | {
             "setup_seconds": round(self.setup_seconds, 3),
             "sample_lateness_ms": {"median": round(float(np.median(lateness)) * 1000, 2),
                                    "max": round(float(lateness.max()) * 1000, 2)},
+            "endpoint_sync_ms": {"median": round(float(np.median(syncs)) * 1000, 1),
+                                 "max": round(float(syncs.max()) * 1000, 1)},
             "workload": {k: summary.get(k) for k in ("connections", "requests")},
         }
         return CellResult(samples, events_frame, connections, dataplane, artifacts)
