@@ -11,7 +11,11 @@ native speed; only the nodes move.
 node k's pods hang off a bridge in `<prefix>l<k>` (the node's link), which also holds the tap
 device of the guest's NIC k; the guest moves that NIC into `n<k>` with the node's pod-side
 address (198.18.<k>.1/24), so every packet from a pod to a ClusterIP crosses the node's own
-tables in the guest kernel. The nodes reach each other over a bridge inside the guest
+tables in the guest kernel. The pods of a node share that link (in Kubernetes each pod has a
+veth of its own), so the node must not send ICMP redirects: a reply from a pod to a client on
+the same node leaves by the interface it came in on, and a redirect would send the pod's next
+replies straight to the client, around IPVS's reverse NAT (the client then resets them). The
+node sends none and the pods accept none. The nodes reach each other over a bridge inside the guest
 (`nodes`, 198.19.255.<k+1>/24, as on the host). The control namespace gets one leg per node
 link (198.19.255.250 on each) and every pod a direct route back to it, so that scraping and
 Locust's own traffic stay on the host and never load the emulated guest. QEMU runs in
@@ -157,7 +161,8 @@ class VmTopology(Topology):
                 f"ip -n {ns} addr add {node_ip(node)}/24 dev eth0",
                 f"ip -n {ns} link set eth0 up",
                 f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 "
-                "net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 "
+                "net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth1.send_redirects=0",
                 f"ip -n {ns} route add {CONTROL_IP}/32 dev eth1",
             ]
         for node in range(self.nodes):
@@ -185,5 +190,7 @@ class VmTopology(Topology):
         run("ip", "-n", namespace, "route", "add", gateway, "dev", "eth0", "scope", "link")
         run("ip", "-n", namespace, "route", "add", CONTROL_IP, "dev", "eth0", "scope", "link")
         run("ip", "-n", namespace, "route", "add", "default", "via", gateway)
+        run("ip", "netns", "exec", namespace, "sysctl", "-qw",
+            "net.ipv4.conf.all.accept_redirects=0", "net.ipv4.conf.eth0.accept_redirects=0")
         return namespace, ip
 
