@@ -104,12 +104,12 @@ FAILURE_LIMIT = 0.01
 
 
 def _lab_cell(name: str, connections: int, pods: int, nodes: int, clients: int,
-              duration: float) -> Any:
+              duration: float, mode: str = "iptables", lab_kernel: str = "host") -> Any:
     from kpbench.config import expand_cells, validate
 
     experiment = validate({
-        "name": name, "modes": ["iptables"], "seeds": 1, "duration_seconds": duration,
-        "sample_seconds": 1.0, "cluster": {"nodes": nodes},
+        "name": name, "modes": [mode], "seeds": 1, "duration_seconds": duration,
+        "sample_seconds": 1.0, "cluster": {"nodes": nodes, "lab_kernel": lab_kernel},
         "backend": {"replicas": pods, "cpu_per_request_millicores": 0},
         "workload": {"clients": clients, "connections": connections,
                      "ramp_seconds": max(2.0, connections / 500)},
@@ -117,8 +117,9 @@ def _lab_cell(name: str, connections: int, pods: int, nodes: int, clients: int,
     return expand_cells(experiment)[0]
 
 
-def run_lab_cases(console: Console) -> dict[str, Any]:
-    """Lab setup/teardown per cell, connection capacity, and the jitter of the sample clock."""
+def run_lab_cases(console: Console, placement: str = "host") -> dict[str, Any]:
+    """Lab setup/teardown per cell, connection capacity, and the jitter of the sample clock;
+    with the nodes on the host (iptables) or in the kernel VM (ipvs-rr)."""
     import os
 
     from kpbench.lab.backend import LabCell
@@ -126,20 +127,30 @@ def run_lab_cases(console: Console) -> dict[str, Any]:
     if os.geteuid() != 0:
         console.print("lab benchmark: skipped (needs root)")
         return {}
+    if placement == "vm":
+        from kpbench import vm
+
+        if vm.preflight():
+            console.print(f"vm lab benchmark: skipped ({vm.preflight()})")
+            return {}
+    mode = "iptables" if placement == "host" else "ipvs-rr"
     figures: dict[str, Any] = {}
-    setup = LabCell(_lab_cell("bench-lab-setup", 12, duration=3, **LAB_SETUP_CASE))
+    setup = LabCell(_lab_cell("bench-lab-setup", 12, duration=3, **LAB_SETUP_CASE, mode=mode,
+                              lab_kernel=placement), placement)
     setup.run(lambda t: None)
     figures["setup_seconds"] = setup.setup_seconds
     figures["teardown_seconds"] = setup.teardown_seconds
     lateness: list[float] = []
     capacity = 0
-    table = Table(title="lab (backend lab: real kernel rules, servers and Locust; iptables)")
+    table = Table(title=f"lab (backend lab: real kernel rules, servers and Locust; {mode}, "
+                        f"nodes on the {'host' if placement == 'host' else 'kernel VM'})")
     for column in ("connections", "held at end", "failed", "failed %", "lateness median ms",
                    "lateness max ms", "result"):
         table.add_column(column, justify="right")
     for connections in LAB_CAPACITY_STEPS:
         cell = LabCell(_lab_cell("bench-lab-capacity", connections, pods=12, nodes=3,
-                                 clients=6, duration=20))
+                                 clients=6, duration=20, mode=mode, lab_kernel=placement),
+                       placement)
         try:
             result = cell.run(lambda t: None)
         except Exception as exc:  # a step that breaks is a result too
@@ -164,7 +175,7 @@ def run_lab_cases(console: Console) -> dict[str, Any]:
     figures["max_connections_under_1pct_failures"] = capacity
     figures["sample_lateness_max_ms"] = max(lateness, default=float("nan"))
     console.print(
-        f"lab setup (topology, 12 pods + 6 clients, servers ready, rules): "
+        f"lab ({placement}) setup (topology, 12 pods + 6 clients, servers ready, rules): "
         f"{figures['setup_seconds']:.2f} s; teardown {figures['teardown_seconds']:.2f} s; "
         f"most connections held with < 1% failures: {capacity:,} (of steps "
         f"{', '.join(str(s) for s in LAB_CAPACITY_STEPS)}); sample clock lateness max "
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kpbench.bench", description=__doc__)
     parser.add_argument("--one", type=Path, help="measure one config in this process (internal)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--only", choices=["sim", "lab", "workload", "vm"], default=None)
+    parser.add_argument("--only", choices=["sim", "lab", "workload", "vm", "vm-lab"], default=None)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.overrides)))
@@ -223,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         run_lab_cases(console)
     if args.only in (None, "vm"):
         run_vm_cases(console)
+    if args.only in (None, "vm-lab"):
+        run_lab_cases(console, "vm")
     if args.only in (None, "workload"):
         try:
             from kpbench.workload import bench as workload_bench

@@ -273,8 +273,8 @@ def test_ipvs_rollout_quiesces_and_then_deletes_old_real_servers(tmp_path: Path,
 name: lab-ipvs-rollout
 modes: [ipvs-rr]
 seeds: 1
-duration_seconds: 75
-sample_seconds: 1.0
+duration_seconds: 186
+sample_seconds: 2.0
 cluster: {nodes: 2}
 backend: {replicas: 3, startup_seconds: 2, rollout: {max_surge: 1, max_unavailable: 0}}
 workload: {clients: 2, connections: 30, ramp_seconds: 2}
@@ -287,9 +287,14 @@ events:
     rows = pd.read_csv(run.path / "locust" / "ipvs-rr-s1" / "ipvs.csv")
     old = set(run.events[(run.events["event"] == "pod_created") & (run.events["t"] == 0)]["pod"])
     quiesced = rows[rows["weight"] == 0]
-    assert set(quiesced["pod"]) <= old  # only terminating pods are ever quiesced
+    assert set(quiesced["pod"]) == old  # every terminating pod, and only those, is quiesced
+    # The old servers' connections closed when their pods shut down (by t=20), so at the
+    # graceful passes of 60 s and 120 s they still hold inactive (TIME_WAIT, 120 s) entries
+    # and stay quiesced; the pass at 180 s deletes them.
+    at_130 = rows[(rows["t"] == 130) & rows["pod"].isin(old)]
+    assert len(at_130) == 2 * len(old)
+    assert (at_130["weight"] == 0).all() and (at_130["active_connections"] == 0).all()
     final = rows[rows["t"] == rows["t"].max()]
-    # after the graceful pass at 60 s, the old real servers are gone from every node
     assert not set(final["pod"]) & old and (final["weight"] == 1).all()
     assert final.groupby("node").size().eq(3).all()
 
