@@ -55,3 +55,37 @@ def test_the_guest_builds_each_node_on_its_own_nic_and_routes_between_nodes() ->
     topology = VmTopology(2, tag="abcdef")
     assert [topology.tap(n) for n in range(2)] == ["abcdeft1", "abcdeft2"]
     assert topology.vm_ns == "kpb-abcdef-vm" and topology.link_ns(1) == "kpb-abcdef-l2"
+
+
+def _experiment(connections: int, rate: float, events: str = "") -> object:
+    import yaml
+
+    from kpbench.config import validate
+
+    return validate(yaml.safe_load(f"""
+name: vm-capacity
+modes: [ipvs-rr, iptables]
+workload: {{connections: {connections}, requests_per_second: {rate}}}
+{events}
+"""))
+
+
+def test_preflight_refuses_what_an_emulated_guest_cannot_carry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kpbench import vm
+    from kpbench.backends.base import PreflightError
+    from kpbench.lab import backend
+
+    monkeypatch.setattr(backend.LabBackend, "placement", staticmethod(
+        lambda requested, mode: ("vm", None) if mode.startswith("ipvs") else ("host", None)))
+    monkeypatch.setattr(vm, "default_kernel", lambda: vm.Kernel("6.1.0-test", vm.Path("/x")))
+    monkeypatch.setattr(vm, "choose_accel", lambda kernel, requested="auto": "tcg")
+    lab = backend.LabBackend()
+    lab.check_vm_capacity(_experiment(backend.VM_TCG_MAX_CONNECTIONS, 1.0))
+    with pytest.raises(PreflightError, match="asks for 5000 connections and 5000 requests/s"):
+        lab.check_vm_capacity(_experiment(5000, 1.0))
+    with pytest.raises(PreflightError, match="asks for 200 connections and 10000 requests/s"):
+        lab.check_vm_capacity(_experiment(100, 1.0, "events: [{at: 5, action: load, "
+                                                    "connections: 200, requests_per_second: 50}]"))
+    monkeypatch.setattr(vm, "choose_accel", lambda kernel, requested="auto": "kvm")
+    lab.check_vm_capacity(_experiment(5000, 1.0))  # KVM runs at native speed: no limit

@@ -52,7 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kpbench import control, ipvs, vm
 from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
-from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell, Experiment
+from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell, Experiment, expand_cells
 from kpbench.dataplane import IPVS_GRACEFUL_CHECK_SECONDS
 from kpbench.lab import l7, netns, rules
 from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
@@ -65,7 +65,24 @@ READY_POLL_SECONDS = 0.2
 STARTUP_TIMEOUT_SECONDS = 60.0
 L7_SLOTS = 256  # backend pods an L7 proxy can hold at once
 VM_MEMORY_MIB = 512  # the guest runs only the nodes' kernel and a small agent
+# What the nodes in a TCG guest carried here with under 1% failed connects (`nox -s bench --
+# --only vm-lab`, 2 cores); KVM has no such limit.
+VM_TCG_MAX_CONNECTIONS = 1000
+VM_TCG_MAX_REQUESTS_PER_SECOND = 1000
 TOOLS = ("ip", "iptables-restore", "iptables-save", "nft", "conntrack", "sysctl")
+
+
+def peak_connections(cfg: Experiment) -> int:
+    """The most connections a cell's workload holds at once (its `load` events included)."""
+    steps = [e.connections for e in cfg.events if e.action == "load" and e.connections]
+    return max([cfg.workload.connections, *steps])
+
+
+def peak_request_rate(cfg: Experiment) -> float:
+    """An upper bound of a cell's requests per second: peak connections x peak rate."""
+    rates = [e.requests_per_second for e in cfg.events
+             if e.action == "load" and e.requests_per_second]
+    return peak_connections(cfg) * max([cfg.workload.requests_per_second, *rates])
 
 
 def needs_kernel_feature(mode: str) -> bool:
@@ -123,9 +140,25 @@ class LabBackend:
             )
         if experiment.cluster.nodes > 200:
             raise PreflightError("--backend lab: cluster.nodes must be <= 200 in the lab")
+        self.check_vm_capacity(experiment)
         if experiment.workload.proxy == "l7" and shutil.which("haproxy") is None:
             raise PreflightError("--backend lab: workload.proxy l7 needs haproxy "
                                  "(apt-get install haproxy)")
+
+    def check_vm_capacity(self, experiment: Experiment) -> None:
+        """Refuse what the nodes in an emulated (TCG) kernel VM cannot carry here."""
+        cells = [c for c in expand_cells(experiment)
+                 if self.placement(c.config.cluster.lab_kernel, c.mode)[0] == "vm"]
+        if not cells or vm.choose_accel(vm.default_kernel()) != "tcg":
+            return
+        rate = max(peak_request_rate(c.config) for c in cells)
+        connections = max(peak_connections(c.config) for c in cells)
+        if rate > VM_TCG_MAX_REQUESTS_PER_SECOND or connections > VM_TCG_MAX_CONNECTIONS:
+            raise PreflightError(
+                f"--backend lab: cells with their nodes in the emulated kernel VM (TCG) carry at "
+                f"most {VM_TCG_MAX_CONNECTIONS} connections and {VM_TCG_MAX_REQUESTS_PER_SECOND} "
+                f"requests/s here (measured by `nox -s bench -- --only vm-lab`); this "
+                f"experiment asks for {connections} connections and {rate:g} requests/s")
 
     def attach(self, run_dir: Path) -> None:
         return None
