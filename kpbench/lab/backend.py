@@ -271,7 +271,7 @@ class LabCell:
     def __init__(self, cell: Cell, placement: str = "host") -> None:
         self.cell = cell
         self.cfg = cell.config
-        self.placement = placement
+        self.kernel_placement = placement
         self.session: vm.Session | None = None
         streams = np.random.SeedSequence([ROOT_SEED, cell.seed]).spawn(2)
         self.rng_control = random.Random(int(streams[1].generate_state(1)[0]))
@@ -736,7 +736,7 @@ class LabCell:
                      c.destination.rsplit(":", 1)[0])
                     for c in ipvs.parse_ip_vs_conn(self.ip_vs_text(node, "ip_vs_conn"))
                     if c.state == "ESTABLISHED" and c.virtual == self.service_address]
-        if self.placement == "vm":  # a file read: no process started in the emulated guest
+        if self.kernel_placement == "vm":  # a file read: no process started in the emulated guest
             return parse_conntrack(established_to(self.nodes.read(node, "/proc/net/nf_conntrack"),
                                                   CLUSTER_IP))
         return parse_conntrack(self.nodes.run(node, [
