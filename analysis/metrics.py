@@ -1,4 +1,4 @@
-"""The metrics of design §7: pure functions over the loaded results tables.
+"""The metrics (the README's "Metrics" section): pure functions over the loaded results tables.
 
 Over the serving pods S(t) (ready, not terminating) at each sample t, with x = active connections:
 max_mean = max/mean, cv = pstdev/mean, jain = (Σx)² / (|S| Σx²), gini (standard). End-state
@@ -106,7 +106,7 @@ def cell_metrics(
     duration: float,
     first_event_at: float | None,
 ) -> pd.DataFrame:
-    """One row per cell with every §7 metric (NaN where it does not apply)."""
+    """One row per cell with every metric (NaN where it does not apply)."""
     balance = balance_over_time(samples)
     window = end_window(duration)
     readiness = ready_times(samples, events)
