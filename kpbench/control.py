@@ -22,6 +22,7 @@ another repository is named; the pinned version is v1.34, kind's node image). In
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from bisect import bisect_right
@@ -305,6 +306,15 @@ def deletion_order(pods: Iterable[Pod], related: Sequence[Pod], now: float) -> l
     return sorted(pods, key=key)
 
 
+def controller_delay(rng: random.Random, propagation: tuple[float, float]) -> float:
+    """A pod's readiness reaches the Deployment controller: kubelet status update, API watch,
+    workqueue (pkg/controller/deployment/deployment_controller.go enqueueDeployment). The same
+    path as the endpoints' (`propagation_delays`). A Deployment already queued is not queued
+    again (client-go util/workqueue), so events inside this delay share one sync."""
+    median, sigma = propagation
+    return median * math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma else median
+
+
 def reconcile(
     pods: Sequence[Pod], replicas: int, revision: int, max_surge: int, max_unavailable: int,
     now: float = 0.0,
@@ -385,32 +395,33 @@ def schedule(
     # scoreForCount, rounded half away from zero as Go's math.Round
     raw = [math.floor(count * weight + (HOSTNAME_MAX_SKEW - 1) + 0.5) for count in same_revision]
     low, high = min(raw), max(raw)
-    spread = [MAX_NODE_SCORE if high == 0 else MAX_NODE_SCORE * (high + low - s) // high
-              for s in raw]
-    best: list[int] = []
-    best_score = -1
-    for node in range(nodes):
-        pods = assigned[node] + 1  # with the incoming pod
-        cpu = pods * request.cpu_millicores
-        memory = pods * request.memory_mib
-
-        def least(requested: float, capacity: float) -> int:
-            if requested > capacity:
-                return 0
-            return int((capacity - requested) * MAX_NODE_SCORE // capacity)
-
-        fit = (least(cpu, allocatable.cpu_millicores)
-               + least(memory, allocatable.memory_mib)) // 2
-        fractions = (min(cpu / allocatable.cpu_millicores, 1.0),
-                     min(memory / allocatable.memory_mib, 1.0))
-        balanced = int((1 - abs(fractions[0] - fractions[1]) / 2) * MAX_NODE_SCORE)
-        score = (TOPOLOGY_SPREAD_WEIGHT * spread[node] + RESOURCES_FIT_WEIGHT * fit
-                 + BALANCED_ALLOCATION_WEIGHT * balanced)
-        if score > best_score:
-            best, best_score = [node], score
-        elif score == best_score:
-            best.append(node)
+    scores = [
+        TOPOLOGY_SPREAD_WEIGHT * (MAX_NODE_SCORE if high == 0
+                                  else MAX_NODE_SCORE * (high + low - s) // high)
+        + _resource_score(assigned[node] + 1, request, allocatable)
+        for node, s in enumerate(raw)
+    ]
+    top = max(scores)
+    best = [node for node, score in enumerate(scores) if score == top]
     return best[0] if len(best) == 1 else rng.choice(best)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resource_score(pods: int, request: NodeResources, allocatable: NodeResources) -> int:
+    """Least-allocated and balanced-allocation scores, weighted, of a node holding `pods`
+    backend pods (the incoming one included)."""
+    cpu, memory = pods * request.cpu_millicores, pods * request.memory_mib
+
+    def least(requested: float, capacity: float) -> int:
+        if requested > capacity:
+            return 0
+        return int((capacity - requested) * MAX_NODE_SCORE // capacity)
+
+    fit = (least(cpu, allocatable.cpu_millicores) + least(memory, allocatable.memory_mib)) // 2
+    fractions = (min(cpu / allocatable.cpu_millicores, 1.0),
+                 min(memory / allocatable.memory_mib, 1.0))
+    balanced = int((1 - abs(fractions[0] - fractions[1]) / 2) * MAX_NODE_SCORE)
+    return RESOURCES_FIT_WEIGHT * fit + BALANCED_ALLOCATION_WEIGHT * balanced
 
 
 class Placement:

@@ -282,10 +282,12 @@ class Simulation:
         self.record("pod_deleted", index)
 
     def request_reconcile(self) -> None:
-        """The deployment controller syncs once after all changes of this instant."""
+        """A readiness change reaches the Deployment controller after its watch delay; changes
+        meanwhile share that sync (kpbench.control.controller_delay)."""
         if not self.reconcile_pending:
             self.reconcile_pending = True
-            self.at(self.now, RECONCILE)
+            self.at(self.now + control.controller_delay(self.rng_control,
+                                                        self.cfg.cluster.propagation), RECONCILE)
 
     def reconcile(self) -> None:
         self.reconcile_pending = False

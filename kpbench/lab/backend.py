@@ -246,6 +246,7 @@ class LabCell:
         self.event_rows: list[tuple[float, str, str, str]] = []
         self.sample_rows: list[dict[str, Any]] = []
         self.flows: dict[tuple[int, str, int, str], list[float]] = {}
+        self.reconcile_pending = False
         self.sample_lateness: list[float] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="kpbench-lab-"))
         self.locust: list[subprocess.Popen[bytes]] = []
@@ -347,7 +348,15 @@ class LabCell:
         pod.pod.ready_at = self.now()
         self.record("pod_ready", pod)
         self.endpoints_changed(index, added=True)
-        self.reconcile()
+        self.request_reconcile()
+
+    def request_reconcile(self) -> None:
+        """As the simulator: the Deployment controller syncs after its watch delay."""
+        if not self.reconcile_pending:
+            self.reconcile_pending = True
+            self.at(self.now() + control.controller_delay(self.rng_control,
+                                                          self.cfg.cluster.propagation),
+                    "reconcile")
 
     def terminate(self, pod: LabPod, killed: bool = False) -> None:
         was_ready = pod.pod.ready
@@ -376,6 +385,7 @@ class LabCell:
         self.topology.remove_namespace(pod.namespace)
 
     def reconcile(self) -> None:
+        self.reconcile_pending = False
         while True:
             plan = control.reconcile([p.pod for p in self.pods if not p.exited], self.replicas,
                                      self.revision, self.surge, self.unavailable, self.now())
@@ -874,6 +884,8 @@ class LabCell:
                 self.check_exited(arg)
             elif action == "publish":
                 self.publish()
+            elif action == "reconcile":
+                self.reconcile()
             elif action == "update":
                 self.update(arg)
             elif action == "sync":
