@@ -1,6 +1,7 @@
 """A loaded run folder plus the metrics computed from it, shared by report and figures.
 
-Everything here reads the results format (the README's "Results") through `kpbench.results.load_run` only.
+Everything here reads the results format (the README's "Results") through
+`kpbench.results.load_run` only.
 """
 
 from __future__ import annotations

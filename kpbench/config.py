@@ -109,6 +109,9 @@ class Hpa(_Strict):
     sync_seconds: float = Field(15, gt=0)
     tolerance: float = Field(0.1, ge=0)
     scale_down_stabilization_seconds: float = Field(300, ge=0)
+    metric_resolution_seconds: float = Field(15, gt=0)
+    cpu_initialization_period_seconds: float = Field(300, ge=0)
+    initial_readiness_delay_seconds: float = Field(30, ge=0)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Hpa:
@@ -117,20 +120,47 @@ class Hpa(_Strict):
         return self
 
 
+class KubeProxy(_Strict):
+    """kube-proxy's sync loop on every node (kpbench.control: SyncRunner and its neighbours)."""
+
+    min_sync_seconds: float | None = Field(None, ge=0)  # None: the mode's Kubernetes default
+    propagation_median_seconds: float = Field(0.1, gt=0)
+    propagation_sigma: float = Field(0.5, ge=0)
+    sync_base_seconds: float = Field(0.025, ge=0)
+    sync_seconds_per_endpoint: float = Field(0.00006, ge=0)
+
+
 class Cluster(_Strict):
     nodes: int = Field(3, ge=1, le=250)
     node_image: str | None = None
-    endpoint_sync_seconds: float = Field(1.0, ge=0)
+    # Before kube_proxy existed: one fixed delay from an endpoint change to every node's rules.
+    # Still accepted (recorded runs carry it); when set it replaces the propagation distribution.
+    endpoint_sync_seconds: float | None = Field(None, ge=0)
+    kube_proxy: KubeProxy = KubeProxy()
     lab_kernel: Literal["auto", "host", "vm"] = "auto"
+    node_cpu_millicores: float = Field(4000, gt=0)
+    node_memory_mib: float = Field(8192, gt=0)
+
+    @property
+    def propagation(self) -> tuple[float, float]:
+        """(median, sigma) of the endpoint propagation delay per node and change."""
+        if self.endpoint_sync_seconds is not None:
+            return max(self.endpoint_sync_seconds, 1e-9), 0.0
+        return self.kube_proxy.propagation_median_seconds, self.kube_proxy.propagation_sigma
 
 
 class Backend(_Strict):
     replicas: int = Field(6, ge=1)
     startup_seconds: float = Field(5.0, ge=0)
+    server_start_median_seconds: float = Field(0.51, gt=0)
+    server_start_sigma: float = Field(0.41, ge=0)
+    readiness_period_seconds: float = Field(1.0, gt=0)
     termination_grace_seconds: float = Field(30, ge=0)
     max_connection_age_seconds: float | None = Field(None, gt=0)
     cpu_request_millicores: float = Field(100, gt=0)
     cpu_per_request_millicores: float = Field(5.0, ge=0)
+    server_cpu_per_request_millicores: float = Field(0.16, ge=0)
+    server_idle_millicores: float = Field(2.0, ge=0)
     rollout: Rollout = Rollout()
     hpa: Hpa | None = None
 

@@ -105,15 +105,13 @@ class FakeKernel:
                 return node.proc_ip_vs()
             if command == ["cat", "/proc/net/ip_vs_conn"]:
                 return node.proc_ip_vs_conn()
-        if args[:2] == ("ip", "-n"):
-            node = self.nodes.setdefault(args[2], NodeIpvs())
-            if args[3:5] == ("link", "add"):
+            if command[:3] == ["ip", "link", "add"]:
                 if not self.dummy_supported:
-                    raise lab.netns.LabError("ip -n x link add kube-ipvs0: Unknown device type.")
-                node.dummy.append(args[5])
+                    raise lab.netns.LabError("ip link add kube-ipvs0: Unknown device type.")
+                node.dummy.append(command[3])
                 return ""
-            if args[3:5] == ("addr", "add"):
-                node.dummy.append(args[5])
+            if command[:3] == ["ip", "addr", "add"]:
+                node.dummy.append(command[3])
                 return ""
         raise AssertionError(f"unexpected command {args}")
 
@@ -125,17 +123,19 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     return fake
 
 
-def lab_cell(mode: str) -> Iterator[lab.LabCell]:
+def lab_cell(mode: str, pods: int = 3, nodes: int = 2) -> Iterator[lab.LabCell]:
+    # endpoint_sync_seconds 0: every node has a change as soon as it is published
     experiment = validate({"name": "ipvs-offline", "modes": [mode], "seeds": 1,
-                           "cluster": {"nodes": 2}, "backend": {"replicas": 3}})
+                           "cluster": {"nodes": nodes, "endpoint_sync_seconds": 0},
+                           "backend": {"replicas": pods}})
     cell = lab.LabCell(expand_cells(experiment)[0])
     try:
-        for index in range(3):
+        for index in range(pods):
             pod = control.Pod(index, f"backend-1-{index}", 1, index % 2, 0.0, ready_at=0.0)
             process = subprocess.Popen(["true"])
             process.wait()
-            cell.pods.append(lab.LabPod(pod, f"p{index}", f"198.18.{index % 2}.{index + 2}",
-                                        process))
+            cell.pods.append(lab.LabPod(pod, f"p{index}",
+                                        f"198.18.{index % nodes}.{index + 2}", process))
         yield cell
     finally:
         cell.scraper.shutdown(wait=False)
@@ -147,10 +147,17 @@ def lc_cell() -> Iterator[lab.LabCell]:
     yield from lab_cell("ipvs-lc")
 
 
+def sync_every_node(cell: lab.LabCell) -> None:
+    """What the cell's loop does after an endpoint change: publish, then each node's sync."""
+    cell.publish()
+    for node in range(cell.cfg.cluster.nodes):
+        cell.sync(node)
+
+
 def test_setup_sync_and_read_back_program_every_node(kernel: FakeKernel,
                                                      lc_cell: lab.LabCell) -> None:
     lc_cell.prepare_ipvs()
-    lc_cell.sync()
+    lc_cell.start_fanout()
     checked = lc_cell.read_back()
     assert checked["verified"] and checked["nodes_checked"] == 2
     assert checked["example_rules_node_1"][0] == f"TCP {SERVICE} lc"
@@ -165,14 +172,15 @@ def test_setup_sync_and_read_back_program_every_node(kernel: FakeKernel,
 def test_a_terminating_pod_is_quiesced_then_deleted_by_the_graceful_pass(
         kernel: FakeKernel, lc_cell: lab.LabCell) -> None:
     lc_cell.prepare_ipvs()
-    lc_cell.sync()
+    lc_cell.start_fanout()
     leaving = lc_cell.pods[0]
     address = f"{leaving.ip}:8080"
     for node in kernel.nodes.values():
         if node.schedulers:
             node.servers[SERVICE][address][1] = 2  # two active connections
     leaving.pod.terminating_at = 5.0
-    lc_cell.sync()
+    lc_cell.endpoints_changed(leaving.pod.index, added=False)
+    sync_every_node(lc_cell)
     assert lc_cell.read_back()["verified"]  # weight-1 servers are exactly the serving pods
     tables = [n.servers[SERVICE] for n in kernel.nodes.values() if n.schedulers]
     assert all(t[address][0] == 0 for t in tables)
@@ -187,7 +195,7 @@ def test_a_terminating_pod_is_quiesced_then_deleted_by_the_graceful_pass(
 def test_connections_are_read_from_the_ipvs_connection_table(kernel: FakeKernel,
                                                             lc_cell: lab.LabCell) -> None:
     lc_cell.prepare_ipvs()
-    lc_cell.sync()
+    lc_cell.start_fanout()
     node_1 = kernel.nodes[lc_cell.topology.node_ns(0)]
     pod = lc_cell.pods[1]
     node_1.connections = [("198.18.0.200:40000", SERVICE, f"{pod.ip}:8080"),
@@ -207,3 +215,13 @@ def test_a_missing_scheduler_or_dummy_link_makes_the_cell_unsupported(
     kernel.dummy_supported = False
     with pytest.raises(Unsupported, match="dummy link type"):
         lc_cell.prepare_ipvs()
+
+
+def test_each_node_adds_its_real_servers_in_its_own_order(kernel: FakeKernel) -> None:
+    for cell in lab_cell("ipvs-rr", pods=8, nodes=3):
+        cell.prepare_ipvs()
+        cell.start_fanout()
+        orders = [list(kernel.nodes[cell.topology.node_ns(n)].servers[SERVICE])
+                  for n in range(3)]
+        assert all(sorted(order) == sorted(orders[0]) for order in orders)
+        assert len({tuple(order) for order in orders}) > 1

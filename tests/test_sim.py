@@ -191,3 +191,64 @@ def test_kill_pod_resets_its_connections_and_is_replaced() -> None:
     assert (result.connections["close_reason"] == "reset").sum() > 0
     assert (result.events["event"] == "pod_killed").sum() == 1
     assert len(end_counts(result)) == 6
+
+
+def run_simulation(mode: str, seed: int = 1, **overrides: Any) -> Simulation:
+    raw: dict[str, Any] = {"name": "t", "modes": [mode], "seeds": [seed]}
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (cell,) = expand_cells(validate(raw))
+    simulation = Simulation(cell)
+    simulation.run(lambda t: None)
+    return simulation
+
+
+def test_each_node_adds_new_ipvs_real_servers_in_its_own_order() -> None:
+    simulation = run_simulation("ipvs-rr", cluster__nodes=4, duration_seconds=60,
+                                workload__connections=0)
+    orders = [selector.list_order() for selector in simulation.selectors]  # type: ignore[attr-defined]
+    assert all(sorted(order) == sorted(orders[0]) for order in orders)
+    assert len({tuple(order) for order in orders}) > 1
+
+
+def test_pods_of_one_surge_batch_become_ready_at_different_times() -> None:
+    result = simulate("iptables", duration_seconds=40, workload__connections=12,
+                      backend__replicas=6, backend__rollout={"max_surge": 6, "max_unavailable": 0},
+                      events=[{"at": 5, "action": "rollout"}])
+    events = result.events
+    created = events[(events["event"] == "pod_created") & (events["t"] >= 5)]
+    assert len(created) == 6 and created["t"].nunique() == 1  # one batch
+    ready = events[(events["event"] == "pod_ready") & events["pod"].isin(created["pod"])]
+    assert len(ready) == 6 and ready["t"].nunique() == 6
+    startup = 5.0 + 5.0  # created at 5 s, server process starts 5 s later
+    assert ready["t"].min() >= startup and ready["t"].max() < startup + 5.0
+
+
+def test_each_node_sees_an_endpoint_change_at_its_own_time() -> None:
+    simulation = run_simulation("iptables", cluster__nodes=5, duration_seconds=30,
+                                workload__connections=0, events=[{"at": 5, "action": "scale",
+                                                                  "replicas": 7}])
+    fanout = simulation.fanout
+    assert fanout is not None and all(view == fanout.views[0] for view in fanout.views)
+    runners = [runner.last_completion for runner in fanout.runners]
+    assert len(set(runners)) == 5 and all(10.0 < t < 15.0 for t in runners)
+
+
+def test_hpa_waits_for_metrics_server_windows_before_scaling() -> None:
+    result = simulate("iptables", duration_seconds=240, sample_seconds=5.0, cluster__nodes=3,
+                      backend__replicas=3, backend__cpu_per_request_millicores=1.0,
+                      backend__hpa={"min_replicas": 3, "max_replicas": 12,
+                                    "target_cpu_utilization": 50},
+                      workload__connections=120,
+                      events=[{"at": 60, "action": "load", "requests_per_second": 3}])
+    scaled = result.events[result.events["event"] == "hpa_desired"]
+    assert len(scaled)
+    # the step at 60 s is seen in a full 15 s window only from the scrape after 75 s at best
+    first = float(scaled["t"].iloc[0])
+    assert 60.0 < first <= 120.0
+    detail = pd.Series(scaled["detail"].iloc[0]).str.extract(r'"utilization": (\d+)')[0]
+    assert detail.notna().all()  # whole percents

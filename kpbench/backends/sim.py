@@ -47,7 +47,8 @@ SHUTDOWN_SECONDS = 1.0  # SIGTERM -> connections closed -> process exits (within
 EPHEMERAL_PORTS = (32768, 60999)
 
 # event kinds
-OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP, RECONCILE = range(11)
+(OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP, RECONCILE, PUBLISH,
+ UPDATE, APPLY, SCRAPE) = range(15)
 RAMP_BATCH = 2048
 
 _REASON = {name: code for code, name in enumerate(CLOSE_REASONS)}
@@ -118,7 +119,19 @@ class Simulation:
             dataplane.make_selector(cell.mode, random.Random(rng_dataplane.getrandbits(64)))
             for _ in range(self.nodes)
         ]
+        self.ipvs = cell.mode.startswith("ipvs-")
+        self.rng_ipvs_order = [control.stream(cell.seed, control.STREAM_IPVS_ORDER, node)
+                               for node in range(self.nodes)]
+        self.rng_kubelet = control.stream(cell.seed, control.STREAM_KUBELET)
+        backend = cfg.backend
+        self.placement = control.Placement(
+            self.nodes,
+            control.NodeResources(backend.cpu_request_millicores, control.MEMORY_REQUEST_MIB),
+            control.NodeResources(cfg.cluster.node_cpu_millicores, cfg.cluster.node_memory_mib),
+        )
         self.l7 = cfg.workload.proxy == "l7"
+        self.fanout: control.EndpointFanout | None = None
+        self.applying: dict[int, control.NodeSync] = {}
         self.surge, self.unavailable = cfg.backend.rollout.resolve(cfg.backend.replicas)
         self.replicas = cfg.backend.replicas
         self.revision = 1
@@ -128,7 +141,6 @@ class Simulation:
         # pods
         self.pods: list[control.Pod] = []
         self.alive: dict[int, None] = {}  # created and not deleted, in creation order
-        self.live_per_node = [0] * self.nodes
         self.reconcile_pending = False
         self.accepting: list[bool] = []
         self.active: list[int] = []
@@ -168,16 +180,9 @@ class Simulation:
             or (max_age is not None and not self.l7)
         )
         self.sample_chunks: list[dict[str, np.ndarray]] = []
-        self.sync_pending = False
         hpa = cfg.backend.hpa
-        self.autoscaler = (
-            control.Autoscaler(
-                hpa.min_replicas, hpa.max_replicas, hpa.target_cpu_utilization, hpa.tolerance,
-                hpa.scale_down_stabilization_seconds,
-            )
-            if hpa
-            else None
-        )
+        self.autoscaler = control.autoscaler(hpa) if hpa else None
+        self.metrics_server = control.MetricsServer(hpa.metric_resolution_seconds) if hpa else None
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -205,10 +210,9 @@ class Simulation:
 
     def create_pod(self, ready_now: bool = False) -> int:
         index = len(self.pods)
-        node = control.place(self.live_per_node, self.rng_control)
-        self.live_per_node[node] += 1
+        node = self.placement.place(self.revision, self.rng_control)
         pod = control.Pod(index, f"backend-{self.revision}-{index:05d}", self.revision, node,
-                          self.now)
+                          self.now, uid=self.rng_kubelet.getrandbits(63))
         self.pods.append(pod)
         self.alive[index] = None
         self.accepting.append(False)
@@ -220,9 +224,18 @@ class Simulation:
         self.record("pod_created", index, node=self.node_name(node),
                     revision=self.revision)
         if ready_now:
+            pod.started_at = -control.PREEXISTING_SECONDS
             self.pod_ready(index)
+            pod.ready_at = -control.PREEXISTING_SECONDS
         else:
-            self.at(self.now + self.cfg.backend.startup_seconds, READY, index)
+            backend, rng = self.cfg.backend, self.rng_kubelet
+            pod.started_at = self.now + backend.startup_seconds
+            server_up = backend.server_start_median_seconds * math.exp(
+                backend.server_start_sigma * rng.gauss(0.0, 1.0))
+            phase = rng.uniform(0.0, backend.readiness_period_seconds)
+            ready = control.ready_time(pod.started_at, server_up, phase,
+                                       backend.readiness_period_seconds)
+            self.at(ready, READY, index)
         return index
 
     def node_name(self, node: int) -> str:
@@ -235,13 +248,14 @@ class Simulation:
         pod.ready_at = self.now
         self.accepting[index] = True
         self.record("pod_ready", index)
-        self.endpoints_changed()
+        self.endpoints_changed(index, added=True)
         self.request_reconcile()
 
     def terminate_pod(self, index: int, killed: bool = False) -> None:
         pod = self.pods[index]
+        was_ready = pod.ready
         pod.terminating_at = self.now
-        self.live_per_node[pod.node] -= 1
+        self.placement.terminating(pod)
         self.accepting[index] = False
         reason = "reset" if killed else "server-shutdown"
         self.record("pod_killed" if killed else "pod_terminating", index,
@@ -255,27 +269,31 @@ class Simulation:
         else:
             grace = min(self.cfg.backend.termination_grace_seconds, SHUTDOWN_SECONDS)
             self.at(self.now + grace, DELETED, index)
-        self.endpoints_changed()
+        if was_ready:
+            self.endpoints_changed(index, added=False)
 
     def pod_deleted(self, index: int) -> None:
         pod = self.pods[index]
         if pod.deleted_at is not None:
             return
         pod.deleted_at = self.now
+        self.placement.deleted(pod)
         self.alive.pop(index, None)
         self.record("pod_deleted", index)
 
     def request_reconcile(self) -> None:
-        """The deployment controller syncs once after all changes of this instant."""
+        """A readiness change reaches the Deployment controller after its watch delay; changes
+        meanwhile share that sync (kpbench.control.controller_delay)."""
         if not self.reconcile_pending:
             self.reconcile_pending = True
-            self.at(self.now, RECONCILE)
+            self.at(self.now + control.controller_delay(self.rng_control,
+                                                        self.cfg.cluster.propagation), RECONCILE)
 
     def reconcile(self) -> None:
         self.reconcile_pending = False
         while True:
-            plan = control.reconcile(self.pods, self.replicas, self.revision, self.surge,
-                                     self.unavailable)
+            plan = control.reconcile([self.pods[i] for i in self.alive], self.replicas,
+                                     self.revision, self.surge, self.unavailable, self.now)
             if not plan:
                 return
             for pod in plan.delete:
@@ -288,27 +306,68 @@ class Simulation:
         # serving-terminating fallback of kube-proxy would always be empty here.
         return [i for i in self.alive if self.pods[i].ready]
 
-    def endpoints_changed(self) -> None:
-        if not self.sync_pending:
-            self.sync_pending = True
-            self.at(self.now + self.cfg.cluster.endpoint_sync_seconds, SYNC)
+    def endpoints_changed(self, index: int, added: bool) -> None:
+        """An endpoint became ready or left: published once per instant (one EndpointSlice
+        update), then on its way to every node (kpbench.control.EndpointFanout)."""
+        if self.fanout is not None and self.fanout.change(index, added):
+            self.at(self.now, PUBLISH)
 
-    def sync(self) -> None:
-        self.sync_pending = False
+    def start_fanout(self) -> None:
+        """The endpoints at t = 0 are in every node's rules; later changes go through the fanout.
+        Consumers: each node's kube-proxy, or with `proxy: l7` the proxies' one view."""
+        cluster = self.cfg.cluster
+        kube_proxy = cluster.kube_proxy
         serving = self.serving()
-        for selector in self.selectors:
-            selector.sync(serving, self.now)
-        if self.l7:
-            self.advance_proxy_clock(self.now)
-            old, new = set(self.proxy_view), set(serving)
-            for index in old - new:
-                self.closed_requests[index] += self.q_clock - self.q_joined.pop(index)
-                self.active[index] = 0
-            for index in new - old:
-                self.q_joined[index] = self.q_clock
-                self.active[index] = L7_PROXY_REPLICAS
-                self.conns_total[index] += L7_PROXY_REPLICAS
-            self.proxy_view = tuple(serving)
+        self.fanout = control.EndpointFanout(
+            1 if self.l7 else self.nodes, serving,
+            control.min_sync_seconds(self.cell.mode, kube_proxy.min_sync_seconds),
+            control.generator(self.cell.seed, control.STREAM_KUBE_PROXY), cluster.propagation,
+            lambda endpoints: control.sync_duration(endpoints, kube_proxy.sync_base_seconds,
+                                                    kube_proxy.sync_seconds_per_endpoint),
+        )
+        view = frozenset(serving)
+        for consumer in range(self.fanout.consumers):
+            self.apply(consumer, control.NodeSync(0.0, view, view, None))
+
+    def publish(self) -> None:
+        assert self.fanout is not None
+        for consumer, t in self.fanout.publish(self.now):
+            self.at(t, UPDATE, consumer)
+
+    def update(self, consumer: int) -> None:
+        assert self.fanout is not None
+        start = self.fanout.update(consumer, self.now)
+        if start is not None:
+            self.at(start, SYNC, consumer)
+
+    def sync(self, consumer: int) -> None:
+        assert self.fanout is not None
+        decided = self.fanout.sync(consumer, self.now)
+        self.applying[consumer] = decided
+        self.at(decided.apply_at, APPLY, consumer)
+        if decided.next_update is not None:
+            self.at(decided.next_update, UPDATE, consumer)
+
+    def apply(self, consumer: int, decided: control.NodeSync) -> None:
+        """A sync completes: the node's rules (or the proxies' view) now hold `decided.view`."""
+        if not self.l7:
+            selector = self.selectors[consumer]
+            if self.ipvs:
+                selector.sync(control.ipvs_insertion_order(
+                    decided.view, decided.new, self.rng_ipvs_order[consumer]), self.now)
+            else:
+                selector.sync(list(decided.view), self.now)
+            return
+        self.advance_proxy_clock(self.now)
+        old, new = set(self.proxy_view), decided.view
+        for index in old - new:
+            self.closed_requests[index] += self.q_clock - self.q_joined.pop(index)
+            self.active[index] = 0
+        for index in sorted(new - old):
+            self.q_joined[index] = self.q_clock
+            self.active[index] = L7_PROXY_REPLICAS
+            self.conns_total[index] += L7_PROXY_REPLICAS
+        self.proxy_view = tuple(sorted(new))
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -494,46 +553,59 @@ class Simulation:
                     self.user_gen[user] += 1
 
     def hpa_sync(self) -> None:
-        assert self.autoscaler is not None
-        rates = self.request_rates()
-        per_request = self.cfg.backend.cpu_per_request_millicores
-        desired, mean = self.autoscaler.evaluate(
+        assert self.autoscaler is not None and self.metrics_server is not None
+        desired, utilization = self.autoscaler.evaluate(
             self.now, self.replicas, (self.pods[i] for i in self.alive),
-            lambda pod: rates[pod.index] * per_request, self.cfg.backend.cpu_request_millicores,
+            self.metrics_server.metrics(), self.cfg.backend.cpu_request_millicores,
         )
         if desired != self.replicas:
             self.record("hpa_desired", replicas=desired, previous=self.replicas,
-                        utilization=round(mean, 1))
+                        utilization=utilization)
             self.replicas = desired
             self.reconcile()
 
-    def request_rates(self) -> dict[int, float]:
-        if self.l7:
-            share = self.connected_users * self.rps / len(self.proxy_view) if self.proxy_view else 0
-            return {i: (share if i in self.q_joined else 0.0) for i in self.alive}
-        return {i: self.active[i] * self.rps for i in self.alive}
+    def scrape_metrics(self) -> None:
+        """metrics-server reads every running pod's cumulative CPU (kpbench.control)."""
+        assert self.metrics_server is not None
+        idx = np.fromiter(self.alive, dtype=np.int64, count=len(self.alive))
+        requests = self.requests_until_now(idx)
+        backend, now, pods = self.cfg.backend, self.now, self.pods
+        per_request = self.cpu_per_request()
+        cpu = {int(i): (r * per_request + backend.server_idle_millicores
+                        * (now - (pods[i].started_at or now))) / 1000.0
+               for i, r in zip(idx, requests, strict=True)}
+        self.metrics_server.scrape(now, (pods[i] for i in cpu), lambda pod: cpu[pod.index])
+
+    def cpu_per_request(self) -> float:
+        """Millicore-seconds per request: the work burned on purpose and the server's own."""
+        backend = self.cfg.backend
+        return backend.cpu_per_request_millicores + backend.server_cpu_per_request_millicores
 
     # -- sampling ------------------------------------------------------------------------------
 
+    def requests_until_now(self, idx: np.ndarray) -> np.ndarray:
+        """Requests each pod of `idx` has answered so far (fractional: the request clocks)."""
+        if self.l7:
+            self.advance_proxy_clock(self.now)
+            joined = np.array([self.q_joined.get(int(i), np.nan) for i in idx])
+            return np.asarray(self.closed_requests)[idx] + np.where(
+                ~np.isnan(joined), self.q_clock - np.nan_to_num(joined), 0.0)
+        active = np.asarray(self.active, dtype=np.int64)[idx]
+        return (np.asarray(self.closed_requests)[idx] + active * self.request_clock(self.now)
+                - np.asarray(self.open_clock_sum)[idx])
+
     def sample(self) -> None:
-        now = self.now
         idx = np.fromiter(self.alive, dtype=np.int64, count=len(self.alive))
         active = np.asarray(self.active, dtype=np.int64)[idx]
+        requests = self.requests_until_now(idx)
         if self.l7:
-            self.advance_proxy_clock(now)
-            joined = np.array([self.q_joined.get(int(i), np.nan) for i in idx])
-            in_view = ~np.isnan(joined)
-            requests = np.asarray(self.closed_requests)[idx] + np.where(
-                in_view, self.q_clock - np.nan_to_num(joined), 0.0
-            )
             share = self.connected_users * self.rps / max(len(self.proxy_view), 1)
-            rate = np.where(in_view, share, 0.0)
+            rate = np.where(np.isin(idx, list(self.q_joined)), share, 0.0)
         else:
-            clock = self.request_clock(now)
-            requests = (np.asarray(self.closed_requests)[idx] + active * clock
-                        - np.asarray(self.open_clock_sum)[idx])
             rate = active * self.rps
-        pods = self.pods
+        now, pods = self.now, self.pods
+        running = np.fromiter(((pods[i].started_at or now) <= now for i in idx), dtype=bool,
+                              count=len(idx))
         self.sample_chunks.append({
             "t": np.full(len(idx), round(now, 6)),
             "pod_index": idx,
@@ -544,7 +616,8 @@ class Simulation:
             "active_connections": active,
             "connections_total": np.asarray(self.conns_total, dtype=np.int64)[idx],
             "requests_total": np.floor(requests + 1e-9).astype(np.int64),
-            "cpu_millicores": rate * self.cfg.backend.cpu_per_request_millicores,
+            "cpu_millicores": rate * self.cpu_per_request()
+            + np.where(running, self.cfg.backend.server_idle_millicores, 0.0),
         })
 
     # -- main loop -----------------------------------------------------------------------------
@@ -553,10 +626,10 @@ class Simulation:
         cfg = self.cfg
         for _ in range(self.replicas):
             self.create_pod(ready_now=True)
-        self.sync_pending = self.reconcile_pending = False
-        self.heap = [e for e in self.heap if e[2] not in (SYNC, RECONCILE)]
+        self.reconcile_pending = False
+        self.heap = [e for e in self.heap if e[2] != RECONCILE]
         heapq.heapify(self.heap)
-        self.sync()
+        self.start_fanout()
         self.add_users(cfg.workload.connections, cfg.workload.ramp_seconds)
         for index, event in enumerate(cfg.events):
             self.at(event.at, TIMELINE, index)
@@ -570,6 +643,11 @@ class Simulation:
             while t <= cfg.duration_seconds:
                 self.at(t, HPA)
                 t += hpa.sync_seconds
+            t = control.stream(self.cell.seed, control.STREAM_METRICS).uniform(
+                0.0, hpa.metric_resolution_seconds)
+            while t <= cfg.duration_seconds:
+                self.at(t, SCRAPE)
+                t += hpa.metric_resolution_seconds
         t = dataplane.IPVS_GRACEFUL_CHECK_SECONDS
         while self.cell.mode.startswith("ipvs-") and t <= cfg.duration_seconds:
             self.at(t, TICK)
@@ -585,7 +663,7 @@ class Simulation:
         handlers: list[Callable[[int, int], None]] = [
             self.open_connection,
             self.scheduled_close,
-            lambda a, b: self.sync(),
+            lambda a, b: self.sync(a),
             lambda a, b: self.pod_ready(a),
             lambda a, b: self.pod_deleted(a),
             on_sample,
@@ -594,6 +672,10 @@ class Simulation:
             on_tick,
             lambda a, b: self.ramp_batch(a),
             lambda a, b: self.reconcile(),
+            lambda a, b: self.publish(),
+            lambda a, b: self.update(a),
+            lambda a, b: self.apply(a, self.applying.pop(a)),
+            lambda a, b: self.scrape_metrics(),
         ]
         heap, end = self.heap, cfg.duration_seconds
         pop = heapq.heappop

@@ -113,6 +113,12 @@ def controller_manager_args(experiment: Experiment) -> dict[str, str]:
         args["horizontal-pod-autoscaler-sync-period"] = f"{hpa.sync_seconds:g}s"
     if hpa.tolerance != 0.1:
         args["horizontal-pod-autoscaler-tolerance"] = f"{hpa.tolerance:g}"
+    if hpa.cpu_initialization_period_seconds != 300:
+        args["horizontal-pod-autoscaler-cpu-initialization-period"] = (
+            f"{hpa.cpu_initialization_period_seconds:g}s")
+    if hpa.initial_readiness_delay_seconds != 30:
+        args["horizontal-pod-autoscaler-initial-readiness-delay"] = (
+            f"{hpa.initial_readiness_delay_seconds:g}s")
     return args
 
 
@@ -124,16 +130,21 @@ class ClusterSpec:
     workers: int
     node_image: str
     controller_manager_args: tuple[tuple[str, str], ...] = ()
+    min_sync_seconds: float | None = None  # kube-proxy's <mode>.minSyncPeriod; None: default
 
     @classmethod
     def for_mode(cls, experiment: Experiment, mode: str) -> ClusterSpec:
         return cls(mode, experiment.cluster.nodes, experiment.cluster.node_image or NODE_IMAGE,
-                   tuple(sorted(controller_manager_args(experiment).items())))
+                   tuple(sorted(controller_manager_args(experiment).items())),
+                   experiment.cluster.kube_proxy.min_sync_seconds)
 
     @property
     def config_hash(self) -> str:
-        key = json.dumps([self.mode, self.workers, self.node_image,
-                          list(self.controller_manager_args)])
+        parts: list[Any] = [self.mode, self.workers, self.node_image,
+                            list(self.controller_manager_args)]
+        if self.min_sync_seconds is not None:  # keeps the hashes of earlier clusters
+            parts.append(self.min_sync_seconds)
+        key = json.dumps(parts)
         return hashlib.sha256(key.encode()).hexdigest()[:8]
 
     @property
@@ -148,6 +159,8 @@ class ClusterSpec:
             proxy_mode=proxy_mode, scheduler=scheduler, workers=self.workers,
             node_image=self.node_image,
             controller_manager_args=dict(self.controller_manager_args),
+            min_sync_period=(None if self.min_sync_seconds is None
+                             else f"{self.min_sync_seconds:g}s"),
         )
 
 
@@ -230,6 +243,7 @@ def backend_manifests(namespace: str, experiment: Experiment, image: str) -> lis
         max_connection_age=("none" if backend.max_connection_age_seconds is None
                             else f"{backend.max_connection_age_seconds:g}"),
         cpu_request=f"{backend.cpu_request_millicores:g}m",
+        readiness_period=max(1, round(backend.readiness_period_seconds)),
         service_port=SERVICE_PORT if not grpc else GRPC_PORT,
         service_port_name="grpc" if grpc else "http",
         target_port=GRPC_PORT if grpc else HTTP_PORT, hpa=hpa,

@@ -1,9 +1,10 @@
-"""`lab`: real kernel data planes in network namespaces, real servers, real Locust (design §6.2).
+"""`lab`: real kernel data planes in network namespaces, real servers, real Locust.
 
 What is real: the kernel's iptables / nftables rules or IPVS virtual servers (kube-proxy's
-structure, rewritten `endpoint_sync_seconds` after each endpoint change; IPVS where the kernel has
-ip_vs loaded), conntrack (existing connections keep their entries), TCP, the backend server
-processes and Locust. What is modelled: the control plane
+structure, rewritten by each node's sync loop of `kpbench.control`; the nodes on the host's
+kernel, or in the kernel VM's where the host lacks a feature, see `kpbench.lab.nodes`),
+conntrack (existing connections keep their entries), TCP, the backend server processes and
+Locust. What is modelled: the control plane
 (Deployment rollout, ReplicaSet choice, HPA) is kpbench's own `kpbench.control`, driven in real
 time, fed with each server process's measured CPU.
 
@@ -40,6 +41,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +209,8 @@ class LabPod:
     pod: control.Pod
     namespace: str
     ip: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None = None  # started `startup_seconds` after creation
+    probe_phase: float = 0.0
     cpu: tuple[float, float] | None = None  # (t, process CPU seconds) at the last scrape
     cpu_millicores: float | None = None
     exited: bool = False
@@ -245,6 +248,15 @@ def parse_metrics(text: str) -> Scrape:
     return scrape
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (what its container's cgroup accounts), 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def parse_conntrack(text: str) -> list[tuple[str, int, str]]:
     """(client ip, client port, pod ip) of each established connection to the ClusterIP."""
     flows = []
@@ -275,6 +287,17 @@ class LabCell:
         self.session: vm.Session | None = None
         streams = np.random.SeedSequence([ROOT_SEED, cell.seed]).spawn(2)
         self.rng_control = random.Random(int(streams[1].generate_state(1)[0]))
+        self.rng_kubelet = control.stream(cell.seed, control.STREAM_KUBELET)
+        self.rng_ipvs_order = [control.stream(cell.seed, control.STREAM_IPVS_ORDER, node)
+                               for node in range(self.cfg.cluster.nodes)]
+        self.fanout: control.EndpointFanout | None = None
+        backend = self.cfg.backend
+        self.placement = control.Placement(
+            self.cfg.cluster.nodes,
+            control.NodeResources(backend.cpu_request_millicores, control.MEMORY_REQUEST_MIB),
+            control.NodeResources(self.cfg.cluster.node_cpu_millicores,
+                                  self.cfg.cluster.node_memory_mib),
+        )
         self.topology = (VmTopology if placement == "vm" else Topology)(self.cfg.cluster.nodes)
         self.nodes: NodePlane = HostNodes(self.topology)
         self.service = rules.Service(
@@ -291,25 +314,21 @@ class LabCell:
         self.replicas = self.cfg.backend.replicas
         self.revision = 1
         self.pods: list[LabPod] = []
-        self.live_per_node = [0] * self.cfg.cluster.nodes
         self.heap: list[tuple[float, int, str, int]] = []
         self.seq = 0
         self.t0 = 0.0
         self.event_rows: list[tuple[float, str, str, str]] = []
         self.sample_rows: list[dict[str, Any]] = []
         self.flows: dict[tuple[int, str, int, str], list[float]] = {}
-        self.sync_pending = False
+        self.reconcile_pending = False
         self.sample_lateness: list[float] = []
         self.sync_durations: list[float] = []  # writing every node's rules, per endpoint sync
         self.workdir = Path(tempfile.mkdtemp(prefix="kpbench-lab-"))
         self.locust: list[subprocess.Popen[bytes]] = []
         self.clients: list[tuple[str, str, int]] = []
         hpa = self.cfg.backend.hpa
-        self.autoscaler = (
-            control.Autoscaler(hpa.min_replicas, hpa.max_replicas, hpa.target_cpu_utilization,
-                               hpa.tolerance, hpa.scale_down_stabilization_seconds)
-            if hpa else None
-        )
+        self.autoscaler = control.autoscaler(hpa) if hpa else None
+        self.metrics_server = control.MetricsServer(hpa.metric_resolution_seconds) if hpa else None
         self.scraper = ThreadPoolExecutor(
             max_workers=16, initializer=netns.enter_permanently,
             initargs=(self.topology.control_ns,),
@@ -330,13 +349,32 @@ class LabCell:
 
     # -- pods ----------------------------------------------------------------------------------
 
-    def create_pod(self) -> LabPod:
+    def create_pod(self, start_now: bool = False) -> LabPod:
+        """A pod on the scheduler's node; its server starts `startup_seconds` later (the
+        container's creation and start), probed from its own phase (kpbench.control)."""
         index = len(self.pods)
-        node = control.place(self.live_per_node, self.rng_control)
-        self.live_per_node[node] += 1
+        node = self.placement.place(self.revision, self.rng_control)
         name = f"backend-{self.revision}-{index:05d}"
         namespace, ip = self.topology.add_pod(f"p{index}", node)
-        backend = self.cfg.backend
+        pod = control.Pod(index, name, self.revision, node, max(self.now(), 0.0),
+                          uid=self.rng_kubelet.getrandbits(63))
+        lab_pod = LabPod(pod, namespace, ip, probe_phase=self.rng_kubelet.uniform(
+            0.0, self.cfg.backend.readiness_period_seconds))
+        self.pods.append(lab_pod)
+        self.record("pod_created", lab_pod, node=f"node-{node + 1}", revision=self.revision,
+                    ip=ip)
+        if start_now:
+            self.start_server(lab_pod)
+        else:
+            self.at(pod.created_at + self.cfg.backend.startup_seconds, "start", index)
+        return lab_pod
+
+    def start_server(self, lab_pod: LabPod) -> None:
+        """The container starts: the server process, probed every readiness period from then."""
+        pod, backend = lab_pod.pod, self.cfg.backend
+        if not pod.live:
+            return
+        name, node, ip, namespace = pod.name, pod.node, lab_pod.ip, lab_pod.namespace
         command = [
             sys.executable, "-m", "kpbench.server", "--pod-name", name,
             "--node-name", f"node-{node + 1}", "--host", ip, "--port", str(HTTP_PORT),
@@ -348,14 +386,10 @@ class LabCell:
         if backend.max_connection_age_seconds is not None:
             command += ["--max-connection-age-seconds", str(backend.max_connection_age_seconds)]
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-        process = subprocess.Popen(netns.ns_exec(namespace, command), stdout=log,
-                                   stderr=subprocess.STDOUT)
-        pod = control.Pod(index, name, self.revision, node, max(self.now(), 0.0))
-        lab_pod = LabPod(pod, namespace, ip, process)
-        self.pods.append(lab_pod)
-        self.record("pod_created", lab_pod, node=f"node-{node + 1}", revision=self.revision,
-                    ip=ip)
-        return lab_pod
+        lab_pod.process = subprocess.Popen(netns.ns_exec(namespace, command), stdout=log,
+                                           stderr=subprocess.STDOUT)
+        pod.started_at = self.now()
+        self.at(pod.started_at + lab_pod.probe_phase, "ready", pod.index)
 
     def log_tail(self, pod: LabPod) -> str:
         path = self.workdir / f"{pod.pod.name}.log"
@@ -373,9 +407,10 @@ class LabCell:
         urls = [f"http://{p.ip}:{ADMIN_PORT}/metrics" for p in pods]
         return list(self.scraper.map(self._get, urls))
 
-    def check_ready(self, index: int) -> None:
+    def check_ready(self, index: int, planned: float) -> None:
+        """The kubelet's readiness probe, every `readiness_period_seconds` from the pod's phase."""
         pod = self.pods[index]
-        if not pod.pod.live:
+        if not pod.pod.live or pod.process is None:
             return
         if pod.process.poll() is not None:
             raise RuntimeError(f"{pod.pod.name} exited with {pod.process.returncode} at start: "
@@ -383,29 +418,36 @@ class LabCell:
         if self.now() - pod.pod.created_at > STARTUP_TIMEOUT_SECONDS:
             raise RuntimeError(f"{pod.pod.name} not ready after {STARTUP_TIMEOUT_SECONDS:g} s")
         if not self.readyz(pod):
-            self.at(self.now() + READY_POLL_SECONDS, "ready", index)
+            self.at(planned + self.cfg.backend.readiness_period_seconds, "ready", index)
             return
         pod.pod.ready_at = self.now()
         self.record("pod_ready", pod)
-        self.endpoints_changed()
-        self.reconcile()
+        self.endpoints_changed(index, added=True)
+        self.request_reconcile()
+
+    def request_reconcile(self) -> None:
+        """As the simulator: the Deployment controller syncs after its watch delay."""
+        if not self.reconcile_pending:
+            self.reconcile_pending = True
+            self.at(self.now() + control.controller_delay(self.rng_control,
+                                                          self.cfg.cluster.propagation),
+                    "reconcile")
 
     def terminate(self, pod: LabPod, killed: bool = False) -> None:
+        was_ready = pod.pod.ready
         pod.pod.terminating_at = self.now()
-        self.live_per_node[pod.pod.node] -= 1
-        if killed:
-            pod.process.send_signal(signal.SIGKILL)
-            self.record("pod_killed", pod)
-        else:
-            pod.process.send_signal(signal.SIGTERM)
-            self.record("pod_terminating", pod)
+        self.placement.terminating(pod.pod)
+        if pod.process is not None:
+            pod.process.send_signal(signal.SIGKILL if killed else signal.SIGTERM)
+        self.record("pod_killed" if killed else "pod_terminating", pod)
         self.at(self.now() + READY_POLL_SECONDS, "exited", pod.pod.index)
-        self.endpoints_changed()
+        if was_ready:
+            self.endpoints_changed(pod.pod.index, added=False)
 
     def check_exited(self, index: int) -> None:
         pod = self.pods[index]
         assert pod.pod.terminating_at is not None
-        if pod.process.poll() is None:
+        if pod.process is not None and pod.process.poll() is None:
             grace = self.cfg.backend.termination_grace_seconds
             if self.now() - pod.pod.terminating_at > grace:
                 pod.process.kill()
@@ -413,59 +455,104 @@ class LabCell:
             return
         pod.exited = True
         pod.pod.deleted_at = self.now()
+        self.placement.deleted(pod.pod)
         self.record("pod_deleted", pod)
         self.topology.remove_namespace(pod.namespace)
 
     def reconcile(self) -> None:
+        self.reconcile_pending = False
         while True:
-            plan = control.reconcile([p.pod for p in self.pods], self.replicas, self.revision,
-                                     self.surge, self.unavailable)
+            plan = control.reconcile([p.pod for p in self.pods if not p.exited], self.replicas,
+                                     self.revision, self.surge, self.unavailable, self.now())
             if not plan:
                 return
             for pod in plan.delete:
                 self.terminate(self.pods[pod.index])
             for _ in range(plan.create):
-                created = self.create_pod()
-                ready_at = created.pod.created_at + self.cfg.backend.startup_seconds
-                self.at(ready_at, "ready", created.pod.index)
+                self.create_pod()
 
     # -- data plane ----------------------------------------------------------------------------
 
-    def endpoints_changed(self) -> None:
-        if not self.sync_pending:
-            self.sync_pending = True
-            self.at(self.now() + self.cfg.cluster.endpoint_sync_seconds, "sync")
+    def endpoints_changed(self, index: int, added: bool) -> None:
+        """As the simulator: one version per instant, then per node through kube-proxy's sync
+        loop (kpbench.control.EndpointFanout)."""
+        if self.fanout is not None and self.fanout.change(index, added):
+            self.at(self.now(), "publish")
 
-    def serving(self) -> list[rules.Endpoint]:
-        ready = [p for p in self.pods if p.pod.ready]
-        return sorted((rules.Endpoint(p.ip, self.target_port) for p in ready),
+    def endpoints(self, pods: Iterable[int]) -> list[rules.Endpoint]:
+        return sorted((rules.Endpoint(self.pods[i].ip, self.target_port) for i in pods),
                       key=lambda e: tuple(int(x) for x in e.ip.split(".")))
 
-    def sync(self) -> dict[str, Any]:
+    def serving(self) -> list[rules.Endpoint]:
+        return self.endpoints(p.pod.index for p in self.pods if p.pod.ready)
+
+    def start_fanout(self) -> None:
+        """Every node's rules (or the proxies' servers) hold the ready pods; then the fanout."""
+        cluster = self.cfg.cluster
+        ready = [p.pod.index for p in self.pods if p.pod.ready]
+        self.fanout = control.EndpointFanout(
+            1 if self.proxies else cluster.nodes, ready,
+            control.min_sync_seconds(self.cell.mode, cluster.kube_proxy.min_sync_seconds),
+            control.generator(self.cell.seed, control.STREAM_KUBE_PROXY), cluster.propagation,
+            lambda endpoints: 0.0,  # a lab sync takes its real time
+        )
+        view = frozenset(ready)
+        for consumer in range(self.fanout.consumers):
+            self.apply(consumer, control.NodeSync(0.0, view, view, None))
+        if self.proxies:  # the Service's endpoints are the proxy pods, for the whole cell
+            for node in range(cluster.nodes):
+                self.write_rules(node, self.dataplane_endpoints())
+
+    def publish(self) -> None:
+        assert self.fanout is not None
+        for consumer, t in self.fanout.publish(self.now()):
+            self.at(t, "update", consumer)
+
+    def update(self, consumer: int) -> None:
+        assert self.fanout is not None
+        start = self.fanout.update(consumer, self.now())
+        if start is not None:
+            self.at(start, "sync", consumer)
+
+    def sync(self, consumer: int) -> None:
+        assert self.fanout is not None
+        decided = self.fanout.sync(consumer, self.now())
+        self.apply(consumer, decided)
+        self.fanout.runners[consumer].run(self.now())  # completed after its real duration
+        if decided.next_update is not None:
+            self.at(decided.next_update, "update", consumer)
+
+    def apply(self, consumer: int, decided: control.NodeSync) -> None:
+        """Write one node's rules for `decided.view` (or, behind the L7 proxies, their servers)."""
         started = time.monotonic()
         try:
-            return self._sync()
+            self._apply(consumer, decided)
         finally:
             self.sync_durations.append(time.monotonic() - started)
 
-    def _sync(self) -> dict[str, Any]:
-        self.sync_pending = False
+    def _apply(self, consumer: int, decided: control.NodeSync) -> None:
         if self.proxies:
-            self.sync_proxies(self.serving())
-        endpoints = self.dataplane_endpoints()
-        for node in range(self.cfg.cluster.nodes):
-            if self.scheduler is not None:
-                current = self.ipvs_service(node)
-                self.ipvsadm(node, ipvs.sync_commands(
-                    self.service_address, current.real_servers if current else [],
-                    [str(e) for e in endpoints]))
-            elif self.cell.mode == "iptables":
-                self.nodes.run(node, ["iptables-restore"],
-                               rules.iptables_restore(self.service, endpoints))
-            else:
-                self.nodes.run(node, ["nft", "-f", "-"],
-                               rules.nft_ruleset(self.service, endpoints))
-        return {"endpoints": len(endpoints)}
+            self.sync_proxies(self.endpoints(decided.view))
+            return
+        if self.scheduler is not None:
+            order = control.ipvs_insertion_order(decided.view, decided.new,
+                                                 self.rng_ipvs_order[consumer])
+            self.write_rules(consumer, [e for i in order for e in self.endpoints([i])])
+        else:
+            self.write_rules(consumer, self.endpoints(decided.view))
+
+    def write_rules(self, node: int, endpoints: list[rules.Endpoint]) -> None:
+        """The node's rules for `endpoints`; IPVS adds the new ones in the list's order."""
+        if self.scheduler is not None:
+            current = self.ipvs_service(node)
+            self.ipvsadm(node, ipvs.sync_commands(
+                self.service_address, current.real_servers if current else [],
+                [str(e) for e in endpoints]))
+        elif self.cell.mode == "iptables":
+            self.nodes.run(node, ["iptables-restore"],
+                           rules.iptables_restore(self.service, endpoints))
+        else:
+            self.nodes.run(node, ["nft", "-f", "-"], rules.nft_ruleset(self.service, endpoints))
 
     def dataplane_endpoints(self) -> list[rules.Endpoint]:
         """What the Service's rules balance over: the backend pods, or the L7 proxy pods."""
@@ -512,11 +599,11 @@ class LabCell:
             for command in commands:
                 l7.runtime(proxy.runtime_socket, command)
         if commands:  # HAProxy answers errors in words: check the state it reports instead
-            self.proxy_read_back()
+            self.proxy_read_back(endpoints)
 
-    def proxy_read_back(self) -> dict[str, Any]:
-        """Check every proxy's servers in service are the ready backend pods."""
-        expected = sorted(str(e) for e in self.serving())
+    def proxy_read_back(self, endpoints: list[rules.Endpoint]) -> dict[str, Any]:
+        """Check every proxy's servers in service are `endpoints`."""
+        expected = sorted(str(e) for e in endpoints)
         for proxy in self.proxies:
             state = l7.runtime(proxy.runtime_socket, f"show servers state {l7.BACKEND}")
             enabled = sorted(l7.enabled_servers(state))
@@ -607,7 +694,7 @@ class LabCell:
             if not ok:
                 raise RuntimeError(f"node-{node + 1}: the {self.cell.mode} rules read back do "
                                    f"not match {n} endpoints: {seen[:3]}")
-        proxy = self.proxy_read_back() if self.proxies else {}
+        proxy = self.proxy_read_back(self.serving()) if self.proxies else {}
         return {"mode": self.cell.mode, "verified": all(checked), "endpoints": n,
                 "kernel": self.nodes.describe(),
                 "nodes_checked": len(checked), "example_rules_node_1": example,
@@ -687,7 +774,7 @@ class LabCell:
     def sample(self, planned: float) -> None:
         now = self.now()
         self.sample_lateness.append(now - planned)
-        alive = [p for p in self.pods if not p.exited]
+        alive = [p for p in self.pods if not p.exited and p.process is not None]
         texts = self.scrape_all(alive)
         unanswered = [p.pod.name for p, text in zip(alive, texts, strict=True) if text is None]
         if unanswered:  # no row rather than an invented one; the gap is recorded
@@ -750,16 +837,23 @@ class LabCell:
                 seen = self.flows.setdefault(key, [t, t])
                 seen[1] = t
 
+    def scrape_cpu(self) -> None:
+        """metrics-server's scrape: each running server process's CPU time, from the kernel."""
+        assert self.metrics_server is not None
+        cpu = {p.pod.index: process_cpu_seconds(p.process.pid) for p in self.pods
+               if p.process is not None and not p.exited}
+        self.metrics_server.scrape(self.now(), (self.pods[i].pod for i in cpu),
+                                   lambda pod: cpu[pod.index])
+
     def hpa_sync(self) -> None:
-        assert self.autoscaler is not None
-        cpu = {p.pod.index: p.cpu_millicores or 0.0 for p in self.pods}
-        desired, mean = self.autoscaler.evaluate(
-            self.now(), self.replicas, (p.pod for p in self.pods),
-            lambda pod: cpu[pod.index], self.cfg.backend.cpu_request_millicores,
+        assert self.autoscaler is not None and self.metrics_server is not None
+        desired, utilization = self.autoscaler.evaluate(
+            self.now(), self.replicas, (p.pod for p in self.pods if not p.exited),
+            self.metrics_server.metrics(), self.cfg.backend.cpu_request_millicores,
         )
         if desired != self.replicas:
             self.record("hpa_desired", replicas=desired, previous=self.replicas,
-                        utilization=round(mean, 1))
+                        utilization=utilization)
             self.replicas = desired
             self.reconcile()
 
@@ -809,11 +903,13 @@ class LabCell:
         if self.cfg.workload.proxy == "l7":
             self.start_proxies()
         setup_started = self.t0
-        initial = [self.create_pod() for _ in range(self.replicas)]
+        initial = [self.create_pod(start_now=True) for _ in range(self.replicas)]
+        self.heap.clear()  # their probes: they are ready before the cell starts
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         pending = list(initial)
         while pending:
             for pod in pending:
+                assert pod.process is not None
                 if pod.process.poll() is not None:
                     raise RuntimeError(f"{pod.pod.name} exited at start: "
                                        f"{self.log_tail(pod)}")
@@ -822,10 +918,10 @@ class LabCell:
                 raise RuntimeError(f"{len(pending)} pods not ready after "
                                    f"{STARTUP_TIMEOUT_SECONDS:g} s")
             time.sleep(0.05 if pending else 0)
-        for pod in initial:  # created and ready before the cell's clock starts
+        for pod in initial:  # created, started and ready before the cell's clock starts
             pod.pod.created_at = 0.0
-            pod.pod.ready_at = 0.0
-        self.sync()
+            pod.pod.started_at = pod.pod.ready_at = -control.PREEXISTING_SECONDS
+        self.start_fanout()
         self.setup_seconds = time.monotonic() - setup_started
         dataplane = self.read_back()
         self.start_clients()
@@ -845,6 +941,11 @@ class LabCell:
             while t <= cfg.duration_seconds:
                 self.at(t, "hpa")
                 t += cfg.backend.hpa.sync_seconds
+            resolution = cfg.backend.hpa.metric_resolution_seconds
+            t = control.stream(self.cell.seed, control.STREAM_METRICS).uniform(0.0, resolution)
+            while t <= cfg.duration_seconds:
+                self.at(t, "scrape")
+                t += resolution
         t = IPVS_GRACEFUL_CHECK_SECONDS
         while self.scheduler is not None and t <= cfg.duration_seconds:
             self.at(t, "ipvs-graceful")
@@ -862,11 +963,21 @@ class LabCell:
                 self.sample(t)
                 progress(t)
             elif action == "ready":
-                self.check_ready(arg)
+                self.check_ready(arg, t)
+            elif action == "start":
+                self.start_server(self.pods[arg])
             elif action == "exited":
                 self.check_exited(arg)
+            elif action == "publish":
+                self.publish()
+            elif action == "reconcile":
+                self.reconcile()
+            elif action == "update":
+                self.update(arg)
             elif action == "sync":
-                self.sync()
+                self.sync(arg)
+            elif action == "scrape":
+                self.scrape_cpu()
             elif action == "timeline":
                 self.timeline(arg)
             elif action == "hpa":
@@ -929,7 +1040,7 @@ class LabCell:
             self.teardown_seconds = time.monotonic() - started
 
     def _teardown(self) -> None:
-        processes = [*self.locust, *(p.process for p in self.pods),
+        processes = [*self.locust, *(p.process for p in self.pods if p.process is not None),
                      *(x.process for x in self.proxies)]
         for process in processes:
             if process.poll() is None:

@@ -1,4 +1,4 @@
-"""The lab's network: namespaces as nodes and pods, veth pairs, a bridge, routes (design §6.2).
+"""The lab's network: namespaces as nodes and pods, veth pairs, a bridge, routes.
 
 Layout (every name starts with the run's prefix `kpb-<6 hex>-`):
   <prefix>br      the bridge `br0`; one port per node and one for the control namespace

@@ -29,15 +29,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kpbench import vm
-from kpbench.lab.netns import (
-    CONTROL_IP,
-    LabError,
-    Topology,
-    node_ip,
-    ns_exec,
-    pod_ip,
-    run,
-)
+from kpbench.lab import netns
+from kpbench.lab.netns import CONTROL_IP, LabError, Topology, node_ip, ns_exec, pod_ip, run
 
 GUEST_NODES_NS = "nodes"
 
@@ -59,7 +52,7 @@ class HostNodes:
         self.topology = topology
 
     def run(self, node: int, argv: Sequence[str], input_text: str | None = None) -> str:
-        return run(*ns_exec(self.topology.node_ns(node), argv), input_text=input_text)
+        return netns.run(*ns_exec(self.topology.node_ns(node), argv), input_text=input_text)
 
     def read(self, node: int, path: str) -> str:
         return self.run(node, ["cat", path])

@@ -7,18 +7,28 @@
    N that passed.
 2. Server CPU per 1,000 requests: `process_cpu_seconds_total` of the servers divided by the
    requests they answered (with `cpu_per_request_millicores` 0: the server's own cost).
+3. The server's own CPU per request where the HPA experiments run it (`OPERATING_POINTS`: 40
+   connections at 1 and 3 requests/s, 1 ms burned on purpose per request): the server's CPU
+   time minus its idle CPU, per request, minus the 1 ms; and its idle CPU with no connection.
+   The model's `backend.server_cpu_per_request_millicores` default comes from here.
+4. Server start: from starting the process to its `listening` line (it answers `/readyz` from
+   then on), `SERVER_STARTS` times in pairs (two pods of a surge start together), as median and
+   the standard deviation of the log; the model's `backend.server_start_*` defaults come from here.
 
 `run(console) -> dict[str, float]`; `python -m kpbench.workload.bench [--steps 1000,2500,5000]`.
-Keys: `connections_per_worker`, `server_cpu_ms_per_1000_requests`, and per step
-`step_<N>_{held,failure_pct,delivered_pct}`.
+Keys: `connections_per_worker`, `server_cpu_ms_per_1000_requests`, per step
+`step_<N>_{held,failure_pct,delivered_pct}`, `server_own_cpu_ms_per_request`,
+`server_idle_millicores`, `server_start_median_seconds`, `server_start_sigma`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +45,10 @@ DEFAULT_STEPS = (1000, 2500, 5000, 7500)
 SERVERS = 1
 RAMP_SECONDS = 10.0
 STEADY_SECONDS = 10.0
+OPERATING_POINTS = ((40, 1.0), (40, 3.0))  # (connections, requests/s each), as hpa-scale-out-lab
+OPERATING_BURN_MILLICORES = 1.0
+IDLE_SECONDS = 10.0
+SERVER_STARTS = 20
 
 
 def _spawn(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
@@ -68,9 +82,11 @@ def _metrics(port: int) -> dict[str, float]:
     return values
 
 
-def _start_server(index: int) -> tuple[subprocess.Popen[str], int]:
+def _start_server(index: int, cpu_per_request_millicores: float = 0.0
+                  ) -> tuple[subprocess.Popen[str], int]:
     process = _spawn(["-m", "kpbench.server", "--pod-name", f"bench-{index}", "--host",
-                      "127.0.0.1", "--port", "0", "--grpc-port", "off"])
+                      "127.0.0.1", "--port", "0", "--grpc-port", "off",
+                      "--cpu-per-request-millicores", str(cpu_per_request_millicores)])
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line.startswith("{"):
@@ -79,9 +95,10 @@ def _start_server(index: int) -> tuple[subprocess.Popen[str], int]:
     return process, int(json.loads(line)["port"])
 
 
-def measure_step(connections: int, workdir: Path) -> dict[str, float]:
+def measure_step(connections: int, workdir: Path, requests_per_second: float = 1.0,
+                 cpu_per_request_millicores: float = 0.0) -> dict[str, float]:
     """One worker process holding `connections` connections; servers are started fresh."""
-    servers = [_start_server(i) for i in range(SERVERS)]
+    servers = [_start_server(i, cpu_per_request_millicores) for i in range(SERVERS)]
     balancer: subprocess.Popen[str] | None = None
     workload: subprocess.Popen[str] | None = None
     try:
@@ -96,7 +113,8 @@ def measure_step(connections: int, workdir: Path) -> dict[str, float]:
         config = workdir / f"bench-{connections}.yaml"
         config.write_text(json.dumps({
             "name": "bench", "duration_seconds": 3600,
-            "workload": {"connections": connections, "requests_per_second": 1.0,
+            "workload": {"connections": connections,
+                         "requests_per_second": requests_per_second,
                          "ramp_seconds": RAMP_SECONDS},
         }))
         summary = workdir / f"summary-{connections}.json"
@@ -131,7 +149,8 @@ def measure_step(connections: int, workdir: Path) -> dict[str, float]:
         return {
             "held": held,
             "failure_pct": 100.0 * failures / max(attempts, 1),
-            "delivered_pct": 100.0 * answered / (connections * elapsed),
+            "delivered_pct": 100.0 * answered / (connections * requests_per_second * elapsed),
+            "cpu_seconds": cpu, "seconds": elapsed, "answered": answered,
             "server_cpu_ms_per_1000": 1000.0 * 1000.0 * cpu / max(answered, 1),
         }
     finally:
@@ -139,6 +158,55 @@ def measure_step(connections: int, workdir: Path) -> dict[str, float]:
             _stop(process)
         for process, _ in servers:
             _stop(process)
+
+
+def measure_idle_millicores() -> float:
+    """A server's CPU with no connection (timers, the runtime), in millicores."""
+    process, port = _start_server(0)
+    try:
+        time.sleep(2.0)
+        before = _metrics(port)["process_cpu_seconds_total"]
+        time.sleep(IDLE_SECONDS)
+        after = _metrics(port)["process_cpu_seconds_total"]
+    finally:
+        _stop(process)
+    return 1000.0 * (after - before) / IDLE_SECONDS
+
+
+def measure_server_cost(workdir: Path) -> dict[str, float]:
+    """The server's own CPU per request at the HPA experiments' operating points."""
+    idle = measure_idle_millicores()
+    own = []
+    for connections, rate in OPERATING_POINTS:
+        step = measure_step(connections, workdir, rate, OPERATING_BURN_MILLICORES)
+        busy = step["cpu_seconds"] - idle / 1000.0 * step["seconds"]
+        own.append(1000.0 * busy / max(step["answered"], 1) - OPERATING_BURN_MILLICORES)
+    return {"server_own_cpu_ms_per_request": round(sum(own) / len(own), 3),
+            "server_idle_millicores": round(idle, 2)}
+
+
+def measure_server_starts(pairs: int = SERVER_STARTS // 2) -> dict[str, float]:
+    """Seconds from starting a server process to its `listening` line, two at a time."""
+    seconds: list[float] = []
+    for _ in range(pairs):
+        started = time.monotonic()
+        processes = [_spawn(["-m", "kpbench.server", "--pod-name", f"start-{i}", "--host",
+                             "127.0.0.1", "--port", "0", "--grpc-port", "off"])
+                     for i in range(2)]
+        try:
+            for process in processes:
+                assert process.stdout is not None
+                if not process.stdout.readline().startswith("{"):
+                    raise RuntimeError("the server did not start")
+                seconds.append(time.monotonic() - started)
+        finally:
+            for process in processes:
+                _stop(process)
+    logs = [math.log(s) for s in seconds]
+    mean = sum(logs) / len(logs)
+    sigma = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+    return {"server_start_median_seconds": round(statistics.median(seconds), 3),
+            "server_start_sigma": round(sigma, 3)}
 
 
 def run(console: Console, steps: Sequence[int] = DEFAULT_STEPS) -> dict[str, float]:
@@ -162,11 +230,19 @@ def run(console: Console, steps: Sequence[int] = DEFAULT_STEPS) -> dict[str, flo
             if not passed:
                 break
             best = connections
+        figures.update(measure_server_cost(Path(tmp)))
+    figures.update(measure_server_starts())
     figures["connections_per_worker"] = float(best)
     figures["server_cpu_ms_per_1000_requests"] = round(min(cpu_per_1000), 1)
     console.print(f"one Locust worker process holds {best} connections at 1 request/s "
                   f"(<1% failures); the server uses "
                   f"{figures['server_cpu_ms_per_1000_requests']:.0f} ms CPU per 1000 requests")
+    console.print(
+        f"the server's own CPU per request at 40 connections x 1-3 requests/s (besides the 1 ms "
+        f"burned on purpose): {figures['server_own_cpu_ms_per_request']:.3f} ms, idle "
+        f"{figures['server_idle_millicores']:.2f} millicores; a server starts in "
+        f"{figures['server_start_median_seconds']:.2f} s median (log sd "
+        f"{figures['server_start_sigma']:.2f}), two at a time")
     return figures
 
 
