@@ -163,9 +163,15 @@ def ipvs_insertion_order(view: AbstractSet[T], new: AbstractSet[T], rng: random.
     random on every sync and on every node; endpoints IPVS already holds are skipped, so only the
     order of the `new` ones matters. New endpoints first, shuffled with the node's own stream.
     """
+    return ipvs_new_order(new, rng) + list(view - new)
+
+
+def ipvs_new_order(new: AbstractSet[T], rng: random.Random) -> list[T]:
+    """The endpoints new to a sync in the order the node's kube-proxy adds them (see
+    `ipvs_insertion_order`, which puts the rest of the view after them)."""
     fresh = sorted(new)
     rng.shuffle(fresh)
-    return fresh + list(view - new)
+    return fresh
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import heapq
 import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -230,17 +230,25 @@ class IpvsSelector:
         heapq.heapify(self._heap)
 
     def sync(self, serving: Sequence[int], now: float) -> None:
+        wanted = set(serving)
+        self.update(serving, [d.endpoint for d in self.dests.values()
+                              if d.endpoint not in wanted and d.weight > 0], now)
+
+    def update(self, added: Sequence[int], removed: Iterable[int], now: float) -> None:
+        """`sync` for a known change: the endpoints that joined the node's view, in kube-proxy's
+        order (any already serving are skipped), and those that left it. The simulator's fast
+        path: nothing here walks every destination."""
         self.expire(now)
-        for endpoint in serving:
+        for endpoint in added:
             dest = self.dests.get(endpoint)
             if dest is None:
                 self._add(endpoint)
             elif dest.weight == 0:  # back from graceful termination: delete, add again
                 self._delete(dest)
                 self._add(endpoint)
-        wanted = set(serving)
-        for dest in list(self.dests.values()):
-            if dest.endpoint not in wanted and dest.weight > 0:
+        for endpoint in removed:
+            dest = self.dests.get(endpoint)
+            if dest is not None and dest.weight > 0:
                 if dest.active + dest.inactive == 0:
                     self._delete(dest)
                 else:

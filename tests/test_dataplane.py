@@ -168,3 +168,37 @@ def test_a_returning_destination_keeps_its_counters_from_the_trash() -> None:
 def test_unknown_scheduler() -> None:
     with pytest.raises(ValueError, match="unknown IPVS scheduler"):
         IpvsSelector("xx")
+
+
+@pytest.mark.parametrize("scheduler", ["rr", "lc", "sh", "mh"])
+def test_update_with_the_change_equals_sync_with_the_whole_view(scheduler: str) -> None:
+    rng = random.Random(scheduler)
+    full, delta = IpvsSelector(scheduler), IpvsSelector(scheduler)
+    view: set[int] = set()
+    held: list[int] = []
+    for step in range(300):
+        now = step * 7.0
+        new = set(rng.sample(range(40), rng.randint(0, 4)))
+        gone = set(rng.sample(sorted(view), min(len(view), rng.randint(0, 3))))
+        joined = sorted(new - view)
+        rng.shuffle(joined)
+        view = (view - gone) | new
+        full.sync(joined + sorted(view - set(joined)), now)
+        delta.update(joined, gone - view, now)
+        for _ in range(rng.randint(0, 6)):
+            client, port = rng.getrandbits(32), rng.randrange(1024, 65536)
+            chosen = full.pick(client, port, now)
+            assert delta.pick(client, port, now) == chosen
+            if chosen is not None:
+                full.opened(chosen, now)
+                delta.opened(chosen, now)
+                held.append(chosen)
+        if held and rng.random() < 0.5:
+            endpoint = held.pop(rng.randrange(len(held)))
+            reset = rng.random() < 0.3
+            full.closed(endpoint, now, reset=reset)
+            delta.closed(endpoint, now, reset=reset)
+        assert full.list_order() == delta.list_order()
+        assert [(d.weight, d.active, d.inactive) for d in full.dests.values()] == [
+            (delta.dests[e].weight, delta.dests[e].active, delta.dests[e].inactive)
+            for e in full.dests]

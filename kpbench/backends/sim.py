@@ -132,6 +132,7 @@ class Simulation:
         self.l7 = cfg.workload.proxy == "l7"
         self.fanout: control.EndpointFanout | None = None
         self.applying: dict[int, control.NodeSync] = {}
+        self.applied_views: dict[int, frozenset[int]] = {}  # IPVS: each node's view, as applied
         self.surge, self.unavailable = cfg.backend.rollout.resolve(cfg.backend.replicas)
         self.replicas = cfg.backend.replicas
         self.revision = 1
@@ -353,8 +354,12 @@ class Simulation:
         if not self.l7:
             selector = self.selectors[consumer]
             if self.ipvs:
-                selector.sync(control.ipvs_insertion_order(
-                    decided.view, decided.new, self.rng_ipvs_order[consumer]), self.now)
+                previous = self.applied_views.get(consumer, frozenset())
+                added = control.ipvs_new_order(decided.new, self.rng_ipvs_order[consumer])
+                added += sorted(decided.view - previous - decided.new)
+                assert isinstance(selector, dataplane.IpvsSelector)
+                selector.update(added, previous - decided.view, self.now)
+                self.applied_views[consumer] = decided.view
             else:
                 selector.sync(list(decided.view), self.now)
             return
