@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -227,7 +226,7 @@ class LabCell:
         self.flows: dict[tuple[int, str, int, str], list[float]] = {}
         self.sync_pending = False
         self.sample_lateness: list[float] = []
-        self.workdir = Path(tempfile.mkdtemp(prefix="kpbench-lab-"))
+        self.workdir = netns.make_workdir(self.topology.tag)
         self.locust: list[subprocess.Popen[bytes]] = []
         self.clients: list[tuple[str, str, int]] = []
         hpa = self.cfg.backend.hpa

@@ -18,14 +18,18 @@ import ctypes
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kpbench import proc
 
 PREFIX = "kpb-"
 NAME = re.compile(r"^kpb-[0-9a-f]{6}-")
@@ -93,7 +97,7 @@ class Topology:
 
     def create(self) -> None:
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-        (OWNERS_DIR / self.tag).write_text(f"{os.getpid()}\n")
+        (OWNERS_DIR / self.tag).write_text(proc.current().to_text() + "\n")
         self._next_host = [2] * self.nodes
         self._add_namespace(self.bridge_ns)
         run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
@@ -197,27 +201,94 @@ def suite_namespaces() -> list[str]:
 
 
 def run_owner(namespace: str) -> int | None:
-    """The live kpbench process that owns `namespace`'s run, if any."""
+    """The live kpbench process that owns `namespace`'s run, if any (a PID that was reused by
+    another process since does not count: the identity includes its start time)."""
+    return tag_owner(namespace[len(PREFIX):len(PREFIX) + 6])
+
+
+def tag_owner(tag: str) -> int | None:
     try:
-        pid = int((OWNERS_DIR / namespace[len(PREFIX):len(PREFIX) + 6]).read_text())
-    except (OSError, ValueError):
+        owner = proc.Identity.from_text((OWNERS_DIR / tag).read_text())
+    except OSError:
         return None
-    return pid if _alive(pid) else None
+    return owner.pid if owner is not None and owner.alive() else None
 
 
-def clean_all() -> list[str]:
-    """`kpbench clean`: remove every namespace (and so every link, rule, process) that the suite
-    left behind; the namespaces of runs whose kpbench process is still alive are kept."""
-    removed = []
-    namespaces = [n for n in suite_namespaces() if run_owner(n) is None]
+WORKDIR_PREFIX = "kpbench-lab-"
+
+
+def make_workdir(tag: str) -> Path:
+    """A cell's folder of logs and configs, `<tmp>/kpbench-lab-<tag>-*`, marked with its owner
+    so that `kpbench clean` can tell a live cell's folder from one a killed run left."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{tag}-"))
+    (workdir / "owner").write_text(proc.current().to_text() + "\n")
+    return workdir
+
+
+def workdir_owner(workdir: Path) -> int | None:
+    """The live process that owns a lab work folder, if any."""
+    try:
+        owner = proc.Identity.from_text((workdir / "owner").read_text())
+    except OSError:
+        return None
+    return owner.pid if owner is not None and owner.alive() else None
+
+
+def suite_workdirs() -> list[Path]:
+    return sorted(p for p in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*")
+                  if p.is_dir() and not p.is_symlink())
+
+
+@dataclass
+class Leftovers:
+    """What `kpbench clean` found of the lab: (item, why) removed and left."""
+
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+
+
+def lab_leftovers() -> list[str]:
+    """Lab namespaces and work folders that exist (owned or not): what clean would look at."""
+    return [*suite_namespaces(), *(str(p) for p in suite_workdirs())]
+
+
+def clean_all() -> Leftovers:
+    """`kpbench clean`: remove every namespace (and so every link, rule, process) and work folder
+    the suite left behind; those of runs whose kpbench process is still alive are kept."""
+    found = Leftovers()
+    namespaces = []
+    for namespace in suite_namespaces():
+        owner = run_owner(namespace)
+        if owner is None:
+            namespaces.append(namespace)
+        else:
+            found.left.append((f"lab namespace {namespace}", f"its run's process {owner} is "
+                                                            "alive"))
     kill_processes([p for n in namespaces for p in namespace_pids(n)], grace_seconds=1.0)
     for namespace in namespaces:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        removed.append(namespace)
-    for owner in OWNERS_DIR.glob("*") if OWNERS_DIR.is_dir() else []:
-        if not any(n.startswith(f"{PREFIX}{owner.name}-") for n in suite_namespaces()):
-            owner.unlink(missing_ok=True)
-    return removed
+        if namespace in suite_namespaces():
+            found.left.append((f"lab namespace {namespace}", "ip netns del failed"))
+        else:
+            found.removed.append((f"lab namespace {namespace}", "its run's process is gone"))
+    for owner_file in OWNERS_DIR.glob("*") if OWNERS_DIR.is_dir() else []:
+        if not any(n.startswith(f"{PREFIX}{owner_file.name}-") for n in suite_namespaces()):
+            owner_file.unlink(missing_ok=True)
+    for workdir in suite_workdirs():
+        owner = workdir_owner(workdir)
+        if owner is not None:
+            found.left.append((f"lab folder {workdir}", f"its cell's process {owner} is alive"))
+            continue
+        if not (workdir / "owner").exists() and time.time() - workdir.stat().st_mtime < 60:
+            found.left.append((f"lab folder {workdir}", "no owner yet (created under a minute "
+                                                        "ago)"))
+            continue
+        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir.exists():
+            found.left.append((f"lab folder {workdir}", "could not be removed"))
+        else:
+            found.removed.append((f"lab folder {workdir}", "its cell's process is gone"))
+    return found
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
