@@ -378,11 +378,23 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise _fail(path, f"unreadable ({exc.__class__.__name__})") from None
 
 
-def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    filled = [f for f in frames if len(f)]
+def _read_part(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except Exception as exc:
+        raise _fail(path, f"unreadable ({exc.__class__.__name__})") from None
+
+
+def _concat(parts: list[pa.Table], columns: list[str]) -> pd.DataFrame:
+    """Cells' parts as one frame: concatenated in arrow (one conversion), or through pandas
+    when the cells' column types differ (a sweep of values of different types)."""
+    filled = [t for t in parts if t.num_rows] or parts[:1]
     if not filled:
-        return frames[0] if frames else pd.DataFrame(columns=columns)
-    return pd.concat(filled, ignore_index=True) if len(filled) > 1 else filled[0]
+        return pd.DataFrame(columns=columns)
+    try:
+        return pa.concat_tables(filled, promote_options="permissive").to_pandas()
+    except (pa.ArrowException, ValueError):
+        return pd.concat([t.to_pandas() for t in filled], ignore_index=True)
 
 
 def _load_format_1(path: Path, manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
@@ -403,7 +415,7 @@ def _load_format_1(path: Path, manifest: dict[str, Any]) -> dict[str, pd.DataFra
 def _load_format_2(path: Path, manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """Format 2: each cell's record overrides run.json's entry; a COMPLETED cell's parts must
     all be there with the rows its record counts."""
-    frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+    frames: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
     for number, cell in enumerate(manifest["cells"], start=1):
         record_path = path / record_name(number)
         if record_path.is_file():
@@ -423,11 +435,11 @@ def _load_format_2(path: Path, manifest: dict[str, Any]) -> dict[str, pd.DataFra
             if not part.is_file():
                 raise _fail(path, f"cell {cell['cell_id']} is COMPLETED but "
                                   f"{part_name(number, name)} is missing")
-            frame = _read_parquet(part)
-            if rows.get(name) != len(frame):
-                raise _fail(part, f"{len(frame)} rows, the cell's record says "
+            table = _read_part(part)
+            if rows.get(name) != table.num_rows:
+                raise _fail(part, f"{table.num_rows} rows, the cell's record says "
                                   f"{rows.get(name)}")
-            frames[name].append(frame)
+            frames[name].append(table)
     columns = (SAMPLE_COLUMNS, EVENT_COLUMNS, CONNECTION_COLUMNS)
     return {name: _concat(frames[name], cols) for name, cols in zip(TABLES, columns,
                                                                      strict=True)}

@@ -226,6 +226,7 @@ class LabCell:
         self.flows: dict[tuple[int, str, int, str], list[float]] = {}
         self.sync_pending = False
         self.sample_lateness: list[float] = []
+        self.unanswered: dict[str, float] = {}  # pod -> first sample its /metrics missed
         self.workdir = netns.make_workdir(self.topology.tag)
         self.locust: list[subprocess.Popen[bytes]] = []
         self.clients: list[tuple[str, str, int]] = []
@@ -608,14 +609,48 @@ class LabCell:
 
     # -- sampling ------------------------------------------------------------------------------
 
+    def check_alive(self) -> None:
+        """A server, proxy or Locust process that exited on its own fails the cell: its pod
+        would otherwise vanish from the samples and read as balance."""
+        for pod in self.pods:
+            if pod.pod.terminating_at is None and pod.process.poll() is not None:
+                raise RuntimeError(f"{pod.pod.name} (backend server) died mid-cell at "
+                                   f"t={self.now():.1f} s with exit code "
+                                   f"{pod.process.returncode}: {self.log_tail(pod)[-200:]}")
+        for proxy in self.proxies:
+            if proxy.process.poll() is not None:
+                raise RuntimeError(f"{proxy.name} (haproxy) died mid-cell at t={self.now():.1f} "
+                                   f"s with exit code {proxy.process.returncode}")
+        for index, process in enumerate(self.locust):
+            if process.poll() is not None:
+                who = "the Locust master" if index == 0 else f"Locust worker {index - 1}"
+                raise RuntimeError(f"{who} died mid-cell at t={self.now():.1f} s with exit code "
+                                   f"{process.returncode}")
+
+    def check_silent(self) -> None:
+        """A ready pod whose /metrics stopped answering and never answered again, while it was
+        neither terminating nor gone, fails the cell."""
+        silent = [p for p in self.pods if p.pod.name in self.unanswered and p.pod.ready
+                  and not p.exited and p.pod.terminating_at is None]
+        if silent:
+            since = min(self.unanswered[p.pod.name] for p in silent)
+            raise RuntimeError(f"{', '.join(p.pod.name for p in silent)} stopped answering "
+                               f"/metrics at t={since:g} s and never answered again")
+
     def sample(self, planned: float) -> None:
         now = self.now()
         self.sample_lateness.append(now - planned)
+        self.check_alive()
         alive = [p for p in self.pods if not p.exited]
         texts = self.scrape_all(alive)
         unanswered = [p.pod.name for p, text in zip(alive, texts, strict=True) if text is None]
         if unanswered:  # no row rather than an invented one; the gap is recorded
             self.record("scrape_failed", None, pods=unanswered, sample=planned)
+        for pod, text in zip(alive, texts, strict=True):
+            if text is None:
+                self.unanswered.setdefault(pod.pod.name, planned)
+            else:
+                self.unanswered.pop(pod.pod.name, None)
         for pod, text in zip(alive, texts, strict=True):
             if text is None:
                 continue
@@ -786,6 +821,8 @@ class LabCell:
                 self.hpa_sync()
             elif action == "ipvs-graceful":
                 self.ipvs_graceful_pass()
+        self.check_alive()
+        self.check_silent()
         summary = self.stop_clients()
         return self.result(dataplane, summary)
 
