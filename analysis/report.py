@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,8 @@ def distinct_runs(paths: Sequence[Path], notify: Callable[[str], None]) -> list[
         keys = [f"path:{path.resolve()}"]
         manifest = path / "run.json"
         if manifest.is_file():
-            try:
+            with suppress(OSError, ValueError, TypeError, KeyError):  # the loader says why
                 keys.append(f"run:{json.loads(manifest.read_bytes())['run_id']}")
-            except (OSError, ValueError, TypeError, KeyError):
-                pass  # the loader says what is wrong with it
         first = next((seen[k] for k in keys if k in seen), None)
         if first is not None:
             notify(f"report: {path} is the same run as {first}; read once")

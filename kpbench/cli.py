@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,10 +115,10 @@ def check_writable_dir(path: Path, option: str) -> None:
     if not existing.is_dir():
         where = "" if existing == path else f" ({existing} is not one)"
         raise UsageError(f"{option} {path}: not a directory{where}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: {existing} is not writable")
     if os.statvfs(existing).f_flag & os.ST_RDONLY:
         raise UsageError(f"{option} {path}: {existing} is on a read-only filesystem")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -191,6 +192,13 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         if outcome.exit_code == EXIT_INTERRUPTED:
             break
     print(paths[-1], flush=True)
+    if code == EXIT_INTERRUPTED:
+        _say(f"interrupted ({outcome.interrupted_by}); completed cells are kept in {paths[-1]}")
+    elif code == EXIT_FAILED:
+        failed = [c["cell_id"] for c in outcome.folder.manifest["cells"]
+                  if c["status"] == "FAILED"]
+        _say(f"{len(failed)} cell{'s' if len(failed) != 1 else ''} failed ({failed[0]}, ...); "
+             f"the others are kept in {paths[-1]}")
     return code
 
 
@@ -283,7 +291,7 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     text = " ".join(str(exc).split()) or exc.__class__.__name__
     return text if len(text) <= 400 else text[:397] + "..."
 
@@ -298,7 +306,7 @@ def _classify(exc: BaseException) -> tuple[int, list[str]]:
     try:
         from analysis.report import ReportError
     except ImportError:  # pragma: no cover - analysis is part of the package
-        ReportError = UsageError  # type: ignore[misc,assignment]  # noqa: N806
+        ReportError = UsageError  # type: ignore[misc,assignment]
     if isinstance(exc, ConfigError):
         return EXIT_INVALID, [_one_line(p) for p in exc.problems]
     if isinstance(exc, UsageError | PreflightError | ResultsError | ReportError | CleanRefused):
@@ -312,10 +320,16 @@ def _classify(exc: BaseException) -> tuple[int, list[str]]:
                          "(--debug shows the traceback)"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def entry() -> int:
+    """The `kpbench` command: `main`, after which a late signal can no longer change the exit
+    code (Python's own handlers would kill the process while it exits)."""
+    return main(final=True)
+
+
+def main(argv: Sequence[str] | None = None, final: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
-    with signals.handled():
+    with signals.handled(final=final):
         try:
             from rich.console import Console
 
@@ -347,20 +361,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
-    try:
+    with suppress(OSError):
         print(f"kpbench: {line}", file=sys.stderr, flush=True)
-    except OSError:
-        pass
 
 
 def _silence_stdout() -> None:
     """After a closed pipe: point stdout at /dev/null so that Python's exit flush is quiet."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    with suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

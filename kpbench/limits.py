@@ -26,9 +26,10 @@ class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader that refuses duplicate keys and counts the nodes a document expands
     to (every alias counted with its whole anchor), so an alias bomb fails before it grows."""
 
-    def compose_document(self) -> yaml.Node:
+    def compose_document(self) -> yaml.Node | None:
         node = super().compose_document()
-        expanded_size(node)
+        if node is not None:
+            expanded_size(node)
         return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -76,7 +77,7 @@ def expanded_size(root: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
 
 def safe_yaml(text: str) -> Any:
     """YAML text -> Python data: safe types only, no duplicate keys, bounded alias expansion."""
-    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_BoundedLoader)
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -220,6 +221,8 @@ def bound_problems(experiment: Experiment) -> list[str]:
                 problems.append(f"{where}: must be {bound.text()} (README, Bounds)")
     if len(experiment.name) > NAME_MAX:
         problems.append(f"name: at most {NAME_MAX} characters")
+    if problems:  # the estimates below would only repeat them
+        return problems
     samples = experiment.duration_seconds / experiment.sample_seconds
     if samples > MAX_SAMPLES_PER_CELL:
         problems.append(f"sample_seconds: {samples:,.0f} samples per cell exceed "

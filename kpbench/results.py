@@ -36,7 +36,6 @@ import pyarrow.parquet as pq
 
 from kpbench import __version__, proc, signals
 
-
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 REPOSITORY = Path(__file__).resolve().parent.parent

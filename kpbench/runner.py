@@ -20,8 +20,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kpbench import signals
 from kpbench.backends import Backend, CellResult, Unsupported
-from kpbench.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from kpbench.config import ROOT_SEED, Cell, Experiment, expand_cells, sweep_value_label
+from kpbench.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from kpbench.results import CONNECTION_COLUMNS, ResultsWriteError, RunFolder, base_versions
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "RunOutcome",
@@ -33,6 +33,7 @@ class RunOutcome:
     folder: RunFolder
     status: str
     write_error: str | None = None
+    interrupted_by: str = "SIGINT"
 
     @property
     def exit_code(self) -> int:
@@ -101,6 +102,7 @@ def run_experiment(
     )
     clock = "simulated" if not backend.measured else "real"
     running: str | None = None  # the cell being run, until it is committed
+    interrupted_by = "SIGINT"
     with signals.handled():
         try:
             with progress:
@@ -142,9 +144,10 @@ def run_experiment(
                         folder.commit_cell(cell.cell_id, "FAILED",
                                            error=f"results not storable: {exc}")
                     running = None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status = "INTERRUPTED"
-            console.print("[yellow]interrupted: completed cells are kept[/yellow]")
+            if isinstance(exc, signals.Interrupted):
+                interrupted_by = str(exc.args[0])
         except OSError as exc:
             status, write_error = "FAILED", _write_error(folder, exc)
         finally:
@@ -166,4 +169,4 @@ def run_experiment(
                     folder.finish(status)
                 except OSError as exc:
                     write_error = write_error or _write_error(folder, exc)
-    return RunOutcome(folder, status, write_error)
+    return RunOutcome(folder, status, write_error, interrupted_by)

@@ -50,8 +50,9 @@ def _main_thread() -> bool:
 
 
 @contextmanager
-def handled() -> Iterator[None]:
-    """SIGINT and SIGTERM raise `Interrupted` (once) while the block runs; nests."""
+def handled(final: bool = False) -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` (once) while the block runs; nests. `final`: the
+    process exits after the block, so both signals are then ignored instead of restored."""
     if not _main_thread():
         yield
         return
@@ -66,7 +67,7 @@ def handled() -> Iterator[None]:
         _state.installed -= 1
         if previous is not None:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                signal.signal(signum, signal.SIG_IGN if final else handler)
 
 
 @contextmanager

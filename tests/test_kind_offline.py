@@ -569,7 +569,7 @@ def test_pods_restarted_or_vanished_outside_the_timeline_are_events() -> None:
 
     for name in ("a", "b", "c", "d"):
         driver.observe_pod(pod(name), watched=True)
-    driver.observe_pod(pod("a", restarts=1), watched=True)  # the server crashed, kubelet restarted it
+    driver.observe_pod(pod("a", restarts=1), watched=True)  # crashed, restarted by the kubelet
     driver.observe_pod(pod("b"), deleted=True, watched=True)  # force-deleted by someone else
     driver.observe_pod(pod("c", deleting=True), watched=True)  # a graceful delete (rollout)
     driver.observe_pod(pod("c"), deleted=True, watched=True)

@@ -88,13 +88,12 @@ class LabBackend:
                 f"--backend lab: missing {', '.join(missing)} "
                 "(apt-get install iproute2 iptables nftables conntrack procps ipvsadm)"
             )
-        routes = subprocess.run(["ip", "-4", "route", "show", "root", "198.18.0.0/15"],
-                                capture_output=True, text=True).stdout.strip()
-        addresses = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", "198.18.0.0/15"],
-                                   capture_output=True, text=True).stdout.strip()
-        if routes or addresses:
+        in_use = netns.range_in_use()
+        if in_use:
             raise PreflightError(
-                "--backend lab: 198.18.0.0/15 is already in use on this host; the lab needs it free"
+                "--backend lab: 198.18.0.0/15 is already in use on this host (" + in_use[0]
+                + (f", and {len(in_use) - 1} more" if len(in_use) > 1 else "")
+                + "); the lab needs it free"
             )
         if experiment.cluster.nodes > 200:
             raise PreflightError("--backend lab: cluster.nodes must be <= 200 in the lab")

@@ -15,6 +15,7 @@ namespaces, so no lab traffic can reach the host's networks.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import re
 import secrets
@@ -39,6 +40,45 @@ CLUSTER_IP = "198.19.0.10"
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 OWNERS_DIR = Path("/run/kpbench-lab")  # <tag> -> pid of the kpbench process that owns the run
+
+
+LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
+ROUTE_TYPES = frozenset({"unicast", "local", "broadcast", "multicast", "anycast", "unreachable",
+                         "blackhole", "prohibit", "throw", "nat"})
+
+
+def overlapping(addresses: str, routes: str) -> list[str]:
+    """What of `ip -4 -o addr show` and `ip -4 route show table all` overlaps 198.18.0.0/15:
+    an address or route inside it, or one covering it (198.16.0.0/12). A default route, and
+    the split default 0.0.0.0/1 + 128.0.0.0/1 of VPNs, cover everything and are no claim on it."""
+    found = []
+    for line in addresses.splitlines():
+        words = line.split()
+        if "inet" in words[:-1]:
+            found += _claims(words[words.index("inet") + 1], line)
+    for line in routes.splitlines():
+        words = line.split()
+        if words and words[0] in ROUTE_TYPES:
+            words = words[1:]
+        if words:
+            found += _claims(words[0], line)
+    return found
+
+
+def _claims(prefix: str, line: str) -> list[str]:
+    try:
+        network = ipaddress.ip_network(prefix, strict=False)
+    except ValueError:  # `default`, an interface name...
+        return []
+    if network.version != 4 or network.prefixlen < 2 or not network.overlaps(LAB_RANGE):
+        return []
+    return [" ".join(line.split())]
+
+
+def range_in_use() -> list[str]:
+    """The host's addresses and routes (every table) that overlap 198.18.0.0/15."""
+    return overlapping(run("ip", "-4", "-o", "addr", "show"),
+                       run("ip", "-4", "route", "show", "table", "all"))
 
 
 class LabError(RuntimeError):
@@ -215,6 +255,7 @@ def tag_owner(tag: str) -> int | None:
 
 
 WORKDIR_PREFIX = "kpbench-lab-"
+UNOWNED_GRACE = 3600.0  # a work folder without an owner file (older kpbench) is kept this long
 
 
 def make_workdir(tag: str) -> Path:
@@ -279,10 +320,13 @@ def clean_all() -> Leftovers:
         if owner is not None:
             found.left.append((f"lab folder {workdir}", f"its cell's process {owner} is alive"))
             continue
-        if not (workdir / "owner").exists() and time.time() - workdir.stat().st_mtime < 60:
-            found.left.append((f"lab folder {workdir}", "no owner yet (created under a minute "
-                                                        "ago)"))
-            continue
+        if not (workdir / "owner").exists():
+            tag = workdir.name[len(WORKDIR_PREFIX):].split("-")[0]
+            alive = tag_owner(tag) if re.fullmatch(r"[0-9a-f]{6}", tag) else None
+            if alive is not None or time.time() - workdir.stat().st_mtime < UNOWNED_GRACE:
+                found.left.append((f"lab folder {workdir}", "no owner recorded and its run may "
+                                                            "be alive (under an hour old)"))
+                continue
         shutil.rmtree(workdir, ignore_errors=True)
         if workdir.exists():
             found.left.append((f"lab folder {workdir}", "could not be removed"))
