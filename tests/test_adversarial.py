@@ -26,6 +26,7 @@ from kpbench import cli, proc
 from kpbench.backends.sim import SimBackend
 from kpbench.config import load
 from kpbench.lab.netns import WORKDIR_PREFIX, overlapping
+from kpbench.limits import BOUNDS, CROSS_BOUNDS
 from kpbench.results import CELLS_DIR, TABLES, load_run, temp_path
 from kpbench.runner import run_experiment
 
@@ -694,3 +695,16 @@ def test_lab_preflight_refuses_a_host_that_uses_the_range(tmp_path: Path) -> Non
         assert not (tmp_path / "out").exists()
     finally:
         subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+def test_readme_lists_every_bound_and_exit_code() -> None:
+    readme = (REPOSITORY / "README.md").read_text()
+    section = readme[readme.index("### Bounds"):readme.index("## Nox sessions")]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    for bound in BOUNDS:
+        assert any(f"`{bound.key}`" in row and f"| {bound.text()} |" in row for row in rows), \
+            bound.key
+    for _key, text, _why in CROSS_BOUNDS:
+        assert any(f"| {text} |" in row for row in rows), text
+    codes = readme[readme.index("Exit codes, and what"):readme.index("### Bounds")]
+    assert all(f"| {code} |" in codes for code in (0, 1, 2, 130))
