@@ -7,7 +7,6 @@ real processes from outside the backend's own control: a backend server, the Loc
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from collections.abc import Callable
 
@@ -17,14 +16,9 @@ from kpbench.config import expand_cells, validate
 from kpbench.lab.backend import LabCell
 from kpbench.lab.netns import run_owner, suite_namespaces, suite_workdirs
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)"),
-    pytest.mark.skipif(
-        any(shutil.which(t) is None for t in ("ip", "iptables-restore", "nft", "conntrack")),
-        reason="the lab needs iproute2, iptables, nftables and conntrack",
-    ),
-]
+from .conftest import LAB_MARKS
+
+pytestmark = LAB_MARKS
 
 
 def lab_cell() -> LabCell:
