@@ -708,3 +708,18 @@ def test_readme_lists_every_bound_and_exit_code() -> None:
         assert any(f"| {text} |" in row for row in rows), text
     codes = readme[readme.index("Exit codes, and what"):readme.index("### Bounds")]
     assert all(f"| {code} |" in codes for code in (0, 1, 2, 130))
+
+
+def test_a_value_that_cannot_be_stored_fails_only_its_cell(small_run: Path) -> None:
+    import pandas as pd
+
+    from kpbench.results import RunFolder
+
+    folder = RunFolder(small_run, json.loads((small_run / "run.json").read_text()))
+    cell = folder.manifest["cells"][0]["cell_id"]
+    before = sorted(p.name for p in (small_run / CELLS_DIR).iterdir())
+    bad = pd.DataFrame({"cell_id": [cell, cell], "t": [1, "one"]})
+    with pytest.raises(ValueError, match="Arrow"):
+        folder.commit_cell(cell, "COMPLETED", {"samples": bad})
+    assert sorted(p.name for p in (small_run / CELLS_DIR).iterdir()) == before
+    assert_cells_whole(small_run)
