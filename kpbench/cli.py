@@ -174,31 +174,36 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[cyan]{note}[/cyan]")
     code = EXIT_OK
     paths: list[Path] = []
-    for experiment, expanded in zip(experiments, cells, strict=True):
-        err.print(f"[bold]{experiment.name}[/bold]: {len(expanded)} cells on backend "
-                  f"{backend.name}")
-        outcome = run_experiment(experiment, backend, args.out, err)
-        paths.append(outcome.folder.path)
-        if outcome.write_error is not None:
-            print(outcome.folder.path, flush=True)
-            raise ResultsWriteError(outcome.write_error)
-        if outcome.status in ("COMPLETED", "FAILED"):
-            print_summary(outcome.folder.path, out)
-        out.print(f"status {outcome.status}; results in {outcome.folder.path}")
-        if not args.no_report and outcome.status in ("COMPLETED", "FAILED"):
-            render_run_report(outcome.folder.path, out, err)
-        if outcome.exit_code != EXIT_OK:
-            code = outcome.exit_code
-        if outcome.exit_code == EXIT_INTERRUPTED:
-            break
-    print(paths[-1], flush=True)
-    if code == EXIT_INTERRUPTED:
-        _say(f"interrupted ({outcome.interrupted_by}); completed cells are kept in {paths[-1]}")
-    elif code == EXIT_FAILED:
-        failed = [c["cell_id"] for c in outcome.folder.manifest["cells"]
-                  if c["status"] == "FAILED"]
-        _say(f"{len(failed)} cell{'s' if len(failed) != 1 else ''} failed ({failed[0]}, ...); "
-             f"the others are kept in {paths[-1]}")
+    failed: list[str] = []
+    interrupted_by = ""
+    try:
+        for experiment, expanded in zip(experiments, cells, strict=True):
+            err.print(f"[bold]{experiment.name}[/bold]: {len(expanded)} cells on backend "
+                      f"{backend.name}")
+            outcome = run_experiment(experiment, backend, args.out, err)
+            paths.append(outcome.folder.path)
+            if outcome.write_error is not None:
+                raise ResultsWriteError(outcome.write_error)
+            failed += [c["cell_id"] for c in outcome.folder.manifest["cells"]
+                       if c["status"] == "FAILED"]
+            if outcome.status in ("COMPLETED", "FAILED"):
+                print_summary(outcome.folder.path, out)
+            out.print(f"status {outcome.status}; results in {outcome.folder.path}")
+            if not args.no_report and outcome.status in ("COMPLETED", "FAILED"):
+                render_run_report(outcome.folder.path, out, err)
+            if outcome.exit_code != EXIT_OK:
+                code = outcome.exit_code
+            if outcome.exit_code == EXIT_INTERRUPTED:
+                interrupted_by = outcome.interrupted_by
+                break
+    finally:  # the results folder is the last line of standard output, whatever happens
+        if paths:
+            print(paths[-1], flush=True)
+    if interrupted_by:
+        _say(f"interrupted ({interrupted_by}); completed cells are kept in {paths[-1]}")
+    elif failed:
+        _say(f"{len(failed)} cell{'s' if len(failed) != 1 else ''} failed ({failed[0]}"
+             f"{', ...' if len(failed) > 1 else ''}); the others are kept in {paths[-1]}")
     return code
 
 

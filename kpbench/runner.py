@@ -102,7 +102,7 @@ def run_experiment(
     )
     clock = "simulated" if not backend.measured else "real"
     running: str | None = None  # the cell being run, until it is committed
-    interrupted_by = "SIGINT"
+    interrupted_by, stopped = "SIGINT", ""
     with signals.handled():
         try:
             with progress:
@@ -145,26 +145,25 @@ def run_experiment(
                                            error=f"results not storable: {exc}")
                     running = None
         except KeyboardInterrupt as exc:
-            status = "INTERRUPTED"
+            status, stopped = "INTERRUPTED", "the run was interrupted"
             if isinstance(exc, signals.Interrupted):
                 interrupted_by = str(exc.args[0])
         except OSError as exc:
             status, write_error = "FAILED", _write_error(folder, exc)
+            stopped = "results could not be written"
+        except Exception:
+            status, stopped = "FAILED", "kpbench stopped on an error"
+            raise
         finally:
             with signals.deferred():  # a (first) signal now waits until the run is recorded
                 with suppress(Exception):
                     backend.close()
                 for entry in folder.manifest["cells"]:
-                    if entry["status"] != "PENDING":
-                        continue
-                    if write_error:
-                        entry.update(status="FAILED", error="not run: results could not be "
-                                                            "written")
-                    elif entry["cell_id"] == running:
-                        entry.update(status="INTERRUPTED", error="interrupted while running")
-                    else:
-                        entry.update(status="INTERRUPTED",
-                                     error="not started: the run was interrupted")
+                    if entry["status"] == "PENDING":
+                        entry.update(
+                            status="INTERRUPTED" if status == "INTERRUPTED" else "FAILED",
+                            error=(f"cut off: {stopped}" if entry["cell_id"] == running
+                                   else f"not started: {stopped}"))
                 try:
                     folder.finish(status)
                 except OSError as exc:

@@ -117,8 +117,13 @@ def test_loader_rejects_unknown_format_and_missing_files(tmp_path: Path) -> None
     atomic_write_json(run_dir / "run.json", {"format_version": 99, "cells": [{}]})
     with pytest.raises(ResultsError, match="format_version 99"):
         load_run(run_dir)
-    atomic_write_json(run_dir / "run.json", {"format_version": 1, "cells": [{}]}, replace=True)
+    manifest = {"format_version": 1, "run_id": "r", "backend": "sim", "config": {},
+                "status": "COMPLETED", "cells": [{"cell_id": "c", "status": "COMPLETED"}]}
+    atomic_write_json(run_dir / "run.json", manifest, replace=True)
     with pytest.raises(ResultsError, match=r"samples\.parquet is missing"):
+        load_run(run_dir)
+    atomic_write_json(run_dir / "run.json", manifest | {"cells": [{}]}, replace=True)
+    with pytest.raises(ResultsError, match="cell 1 has no cell_id"):
         load_run(run_dir)
     atomic_write_json(run_dir / "run.json", {"format_version": 1, "cells": []}, replace=True)
     with pytest.raises(ResultsError, match="no cells"):

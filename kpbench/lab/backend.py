@@ -622,9 +622,12 @@ class LabCell:
                                    f"s with exit code {proxy.process.returncode}")
         for index, process in enumerate(self.locust):
             if process.poll() is not None:
-                who = "the Locust master" if index == 0 else f"Locust worker {index - 1}"
+                who, log = (("the Locust master", "locust-master.log") if index == 0 else
+                            (f"Locust worker {index - 1}", f"locust-worker-{index - 1}.log"))
+                path = self.workdir / log
+                tail = path.read_text(errors="replace")[-200:] if path.exists() else ""
                 raise RuntimeError(f"{who} died mid-cell at t={self.now():.1f} s with exit code "
-                                   f"{process.returncode}")
+                                   f"{process.returncode}: {' '.join(tail.split())}")
 
     def check_silent(self) -> None:
         """A ready pod whose /metrics stopped answering and never answered again, while it was
