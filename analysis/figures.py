@@ -44,6 +44,12 @@ MODE_COLOURS: dict[str, str] = {
 RANDOM_MODES = ("iptables", "nftables")  # pick uniformly at random among serving endpoints
 MAX_POD_ROWS = 150  # per-pod heatmaps with more pods average consecutive pods into rows
 MAX_STRIP_POINTS = 1500  # per mode and panel in the end-state distribution
+# Facets: a figure draws at most this many runs, sweep points per run and sweep rows; more are
+# unreadable and make the layout's cost explode. The tables keep everything; captions say what
+# was left out.
+MAX_FIGURE_RUNS = 6
+MAX_RUN_PANELS = 12
+MAX_SWEEP_ROWS = 8
 DPI = 110
 EVENT_STYLE: dict[str, Any] = {"color": "#222222", "linestyle": "--", "linewidth": 1.0}
 
@@ -122,7 +128,8 @@ def _backends_phrase(runs: Sequence[RunData]) -> str:
 
 
 def _panel_points(data: RunData) -> list[dict[str, Any]]:
-    return data.points or [{}]
+    """The sweep points a figure draws for a run: the first MAX_RUN_PANELS."""
+    return (data.points or [{}])[:MAX_RUN_PANELS]
 
 
 def _last_point(data: RunData) -> dict[str, Any]:
@@ -452,6 +459,9 @@ def sweep_figure(runs: Sequence[RunData], out_dir: Path) -> FigureInfo | None:
             rows_spec += [(data, key, rest) for rest in seen]
     if not rows_spec:
         return None
+    left_out = len(rows_spec) - MAX_SWEEP_ROWS
+    rows_spec = rows_spec[:MAX_SWEEP_ROWS]
+    swept = [d for d in swept if any(d is r for r, *_ in rows_spec)]
     dodge = 0.09
     with _style():
         counts = [len(SWEEP_METRICS) * sum(1 for d, *_ in rows_spec if d is data)
@@ -516,7 +526,10 @@ def sweep_figure(runs: Sequence[RunData], out_dir: Path) -> FigureInfo | None:
            "the end of each cell): a mode on its dashed line is as balanced as random choice "
            "allows, and few connections per pod are unbalanced even when the choice is fair. "
            if has_random else "")
-        + f"{_backends_phrase(swept)}.",
+        + f"{_backends_phrase(swept)}."
+        + (f" {left_out} more rows of panels (other values of the other swept keys) are left "
+           f"out: a figure draws at most {MAX_SWEEP_ROWS}; the summary table has every point."
+           if left_out > 0 else ""),
         path,
     )
 
@@ -629,11 +642,30 @@ FIGURES: tuple[Callable[[Sequence[RunData], Path], FigureInfo | None], ...] = (
 )
 
 
+def facet_note(runs: Sequence[RunData]) -> str:
+    """What the figures leave out of `runs` (see MAX_FIGURE_RUNS, MAX_RUN_PANELS), or ''."""
+    notes = []
+    if len(runs) > MAX_FIGURE_RUNS:
+        notes.append(f"the figures draw the first {MAX_FIGURE_RUNS} of the {len(runs)} runs "
+                     f"given ({len(runs) - MAX_FIGURE_RUNS} left out)")
+    for data in runs[:MAX_FIGURE_RUNS]:
+        if len(data.points) > MAX_RUN_PANELS:
+            notes.append(f"{data.label}: the first {MAX_RUN_PANELS} of its "
+                         f"{len(data.points)} sweep points are drawn")
+    if not notes:
+        return ""
+    return " Left out: " + "; ".join(notes) + ". The tables hold every run and sweep point."
+
+
 def make_all(runs: Sequence[RunData], out_dir: Path) -> list[FigureInfo]:
-    """Render every figure that applies to the runs into `out_dir` (PNG)."""
+    """Render every figure that applies to the runs into `out_dir` (PNG), drawing at most
+    MAX_FIGURE_RUNS runs; each caption says what was left out."""
+    note = facet_note(runs)
+    shown = list(runs[:MAX_FIGURE_RUNS])
     rendered = []
     for make in FIGURES:
-        info = make(runs, out_dir)
+        info = make(shown, out_dir)
         if info is not None:
+            info.caption += note
             rendered.append(info)
     return rendered

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import math
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,8 @@ from analysis.figures import MODE_COLOURS, FigureInfo, make_all, mode_colour
 from analysis.metrics import BALANCED_MAX_MEAN, SUMMARY_METRICS, claim_verdict, summarize
 from analysis.runs import RunData, format_value, is_missing, point_label, prepare_runs
 from kpbench import __version__
+from kpbench.results import DEFAULT_REPORTS_DIR, temp_path
 
-DEFAULT_REPORTS_DIR = Path("results") / "reports"
 TEMPLATES = Path(__file__).parent / "templates"
 
 METRIC_INFO: dict[str, tuple[str, int, str]] = {
@@ -95,16 +97,38 @@ def report_target(paths: Sequence[Path], out: Path | None) -> Path:
     return DEFAULT_REPORTS_DIR / _stamp()
 
 
-def build_report(paths: Sequence[Path], out: Path | None = None) -> Path:
+def distinct_runs(paths: Sequence[Path], notify: Callable[[str], None]) -> list[Path]:
+    """The folders to report on, each run once: a folder given twice (by any path) or two
+    copies of one run (the same run_id) are read once, with a note."""
+    kept: list[Path] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        path = Path(path)
+        keys = [f"path:{path.resolve()}"]
+        manifest = path / "run.json"
+        if manifest.is_file():
+            with suppress(OSError, ValueError, TypeError, KeyError):  # the loader says why
+                keys.append(f"run:{json.loads(manifest.read_bytes())['run_id']}")
+        first = next((seen[k] for k in keys if k in seen), None)
+        if first is not None:
+            notify(f"report: {path} is the same run as {first}; read once")
+            continue
+        for key in keys:
+            seen[key] = path
+        kept.append(path)
+    return kept
+
+
+def build_report(paths: Sequence[Path], out: Path | None = None,
+                 notify: Callable[[str], None] = lambda text: None) -> Path:
     """Render the report of one or more run folders; returns the report folder."""
     if not paths:
         raise ReportError("report: give at least one results folder")
-    runs = prepare_runs([Path(p) for p in paths])
+    paths = distinct_runs(paths, notify)
+    runs = prepare_runs(paths)
     target = report_target(paths, out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = temp_path(target)
     staging.mkdir()
     try:
         write_report(runs, staging)
@@ -293,6 +317,7 @@ def _run_facts(data: RunData) -> dict[str, Any]:
         "dataplanes": dataplanes,
         "config_yaml": yaml.safe_dump(config, sort_keys=False, default_flow_style=False,
                                       width=100),
+        "unfinished": data.run.unfinished,
     }
 
 
@@ -322,6 +347,23 @@ def _incomplete(runs: Sequence[RunData]) -> list[dict[str, Any]]:
          "status": cell["status"], "reason": cell.get("error") or "no reason recorded"}
         for data in runs for cell in data.incomplete_cells
     ]
+
+
+INCIDENT_EVENTS = ("pod_crashed", "pod_restarted", "pod_vanished")
+
+
+def _incidents(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Pod crashes, restarts and disappearances that no timeline event caused."""
+    rows = []
+    for data in runs:
+        events = data.run.events
+        if events.empty or "event" not in events:
+            continue
+        chosen = events[events["event"].isin(INCIDENT_EVENTS)]
+        for row in chosen.itertuples(index=False):
+            rows.append({"run": data.label, "cell_id": row.cell_id, "t": f"{row.t:g}",
+                         "event": row.event, "pod": row.pod, "detail": row.detail or ""})
+    return rows
 
 
 def _claim_view(claim: ClaimResult) -> dict[str, Any]:
@@ -377,6 +419,7 @@ def _context(runs: Sequence[RunData], summary: pd.DataFrame, claims: Sequence[Cl
         "summary_rows": _table_rows(summary, runs) if not summary.empty else [],
         "claims": [_claim_view(c) for c in claims],
         "incomplete": _incomplete(runs),
+        "incidents": _incidents(runs),
         "figures": [{"name": f.name, "title": f.title, "caption": f.caption,
                      "file": f"figures/{f.path.name}"} for f in figures],
     }
@@ -455,6 +498,10 @@ def render_markdown(context: dict[str, Any]) -> str:
                 row["seeds"], row["mean_text"], row["interval"], row["verdict"], row["note"]))
                 + " |")
         lines.append("")
+    unfinished = [run for run in context["runs"] if run["unfinished"]]
+    if unfinished:
+        lines[2:2] = [*(f"> **Not a finished run.** {run['label']}: {run['unfinished']}."
+                        for run in unfinished), ""]
     lines += ["## Cells that did not complete", ""]
     if context["incomplete"]:
         lines += ["| run | cell | status | reason |", "|---|---|---|---|"]
@@ -462,6 +509,12 @@ def render_markdown(context: dict[str, Any]) -> str:
                   f"{_md_escape(c['reason'])} |" for c in context["incomplete"]]
     else:
         lines.append("Every cell completed.")
+    if context["incidents"]:
+        lines += ["", "## Pod incidents", "",
+                  "Pods that crashed, restarted or vanished without a timeline event causing it.",
+                  "", "| run | cell | t (s) | event | pod | detail |", "|---|---|---|---|---|---|"]
+        lines += [f"| {_md_escape(i['run'])} | {i['cell_id']} | {i['t']} | {i['event']} | "
+                  f"{i['pod']} | {_md_escape(i['detail'])} |" for i in context["incidents"]]
     lines += ["", "## Figures", ""]
     for figure in context["figures"]:
         lines += [f"### {figure['title']}", "", f"![{figure['title']}]({figure['file']})", "",

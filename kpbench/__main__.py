@@ -1,5 +1,5 @@
 import sys
 
-from kpbench.cli import main
+from kpbench.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -5,6 +5,8 @@ Each simulator case runs in a fresh subprocess so that its peak memory is its ow
   sim-large   experiments/sim-large.yaml, one process per mode, sim
 Connection events = connections opened + closed + failed connection attempts. Wall time and peak
 memory are the run's (`kpbench run --no-report`); "report s" is rendering its report afterwards.
+Report of 50 runs: 50 quickstart runs (sim), then one comparative `kpbench report` over all of
+them (its figures draw the first runs only, as `analysis.figures.MAX_FIGURE_RUNS` says).
 Lab (root only): setup and teardown of a 12-pod cell, the most long-lived connections the lab
 holds at 1 request/s with under 1% failed connects, and the lateness of the sample clock.
 Workload: connections one Locust worker process holds, server CPU per 1,000 requests.
@@ -56,7 +58,7 @@ def measure(config: Path, overrides: list[str]) -> dict[str, Any]:
         opened = len(connections)
         closed = int(connections["closed_at"].notna().sum())
         failed = int(failed_counts(run.events).sum())
-        size = sum(p.stat().st_size for p in outcome.folder.path.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in outcome.folder.path.rglob("*") if p.is_file())
         del run
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         from analysis.report import build_report
@@ -96,6 +98,31 @@ def run_sim_cases(console: Console) -> list[dict[str, Any]]:
                       f"{row['results_mib']:.1f}", f"{row['report_seconds']:.1f}")
     console.print(table)
     return rows
+
+
+REPORT_RUNS = 50
+
+
+def run_report_case(console: Console) -> dict[str, Any]:
+    """`kpbench report` over REPORT_RUNS quickstart runs, in a fresh process (wall time)."""
+    from kpbench.backends.sim import SimBackend
+    from kpbench.config import load
+    from kpbench.runner import run_experiment
+
+    experiment = load(EXPERIMENTS / "quickstart.yaml")
+    with tempfile.TemporaryDirectory() as out:
+        console.print(f"[bold]report of {REPORT_RUNS} quickstart runs[/bold] ...")
+        runs = [str(run_experiment(experiment, SimBackend(), Path(out) / "runs",
+                                   Console(quiet=True)).folder.path)
+                for _ in range(REPORT_RUNS)]
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "kpbench", "report", *runs, "--out",
+                               str(Path(out) / "report")], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+    status = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr[-200:]}"
+    console.print(f"report of {REPORT_RUNS} quickstart runs (750 cells): {seconds:.1f} s "
+                  f"({status})")
+    return {"report_50_runs_seconds": seconds, "status": status}
 
 
 LAB_SETUP_CASE = {"pods": 12, "nodes": 3, "clients": 6}
@@ -222,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kpbench.bench", description=__doc__)
     parser.add_argument("--one", type=Path, help="measure one config in this process (internal)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--only", choices=["sim", "lab", "workload", "vm", "vm-lab"], default=None)
+    parser.add_argument("--only", choices=["sim", "report", "lab", "workload", "vm", "vm-lab"],
+                        default=None)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.overrides)))
@@ -230,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=140)
     if args.only in (None, "sim"):
         run_sim_cases(console)
+    if args.only in (None, "report"):
+        run_report_case(console)
     if args.only in (None, "lab"):
         run_lab_cases(console)
     if args.only in (None, "vm"):

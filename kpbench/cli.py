@@ -1,22 +1,31 @@
-"""`kpbench`: run, report, validate, schema, figures, clean (design §4)."""
+"""`kpbench`: run, report, validate, schema, figures, clean (design §4).
+
+Errors reach the user as one line `kpbench: ...` and an exit code (`kpbench.exitcodes`), never
+as a traceback (`--debug` shows it). SIGINT and SIGTERM are handled from the first line of
+`main`, which is why this module imports only the standard library at the top: everything else
+is imported once the handlers are in place.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
+from kpbench import __version__, signals
+from kpbench.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 
-from kpbench import __version__
-from kpbench.backends import BACKEND_CHOICES, PreflightError, resolve
-from kpbench.config import ConfigError, Experiment, expand_cells, json_schema, load
-from kpbench.results import DEFAULT_RUNS_DIR, ResultsError, load_run
-from kpbench.runner import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, run_experiment
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kpbench.config import Experiment
 
 
 class UsageError(Exception):
@@ -28,19 +37,48 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kpbench", description=__doc__)
+    from kpbench.backends import BACKEND_CHOICES
+    from kpbench.limits import MAX_CELLS
+    from kpbench.results import DEFAULT_RUNS_DIR
+
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+    parser = _Parser(prog="kpbench", description=__doc__, parents=[debug])
     parser.add_argument("--version", action="version", version=f"kpbench {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    max_cells = {"type": _positive, "default": MAX_CELLS, "metavar": "N",
+                 "help": f"refuse experiments of more cells (default {MAX_CELLS:,})"}
 
-    run = commands.add_parser("run", help="run experiments and write a results folder")
+    run = commands.add_parser("run", help="run experiments and write a results folder",
+                              parents=[debug])
     run.add_argument("configs", nargs="+", type=Path, metavar="CONFIG")
     run.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a dotted config key; VALUE is parsed as YAML")
-    run.add_argument("--seeds", type=int, default=None, help="seeds 1..N (overrides the config)")
+    run.add_argument("--seeds", type=_integer, default=None,
+                     help="seeds 1..N (overrides the config)")
     run.add_argument("--out", type=Path, default=DEFAULT_RUNS_DIR,
                      help="folder that receives <experiment>/<run_id>/ (default results/runs)")
+    run.add_argument("--max-cells", **max_cells)  # type: ignore[arg-type]
     run.add_argument("--no-report", action="store_true", help="do not render the report")
     run.add_argument("--keep-cluster", action="store_true",
                      help="kind: keep the clusters after the run")
@@ -49,17 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kind: write the kind configs, manifests and commands the run would "
                           "apply into a folder under --out, and create nothing")
 
-    report = commands.add_parser("report", help="render a report from results folders")
+    report = commands.add_parser("report", help="render a report from results folders",
+                                 parents=[debug])
     report.add_argument("results", nargs="+", type=Path, metavar="RESULTS_DIR")
     report.add_argument("--out", type=Path, default=None)
 
-    validate = commands.add_parser("validate", help="check experiment files; exit 2 on errors")
+    validate = commands.add_parser("validate", help="check experiment files; exit 2 on errors",
+                                   parents=[debug])
     validate.add_argument("configs", nargs="+", type=Path, metavar="CONFIG")
+    validate.add_argument("--max-cells", **max_cells)  # type: ignore[arg-type]
 
-    commands.add_parser("schema", help="print the JSON Schema of the experiment config")
-    commands.add_parser("figures", help="regenerate the published figures")
-    commands.add_parser("clean", help="remove clusters and lab namespaces this suite created")
+    commands.add_parser("schema", help="print the JSON Schema of the experiment config",
+                        parents=[debug])
+    commands.add_parser("figures", help="regenerate the published figures", parents=[debug])
+    clean = commands.add_parser("clean", parents=[debug],
+                                help="remove what killed runs left: lab namespaces and folders, "
+                                     "results' temporary files, kind clusters")
+    clean.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR",
+                       help="folders to clear of temporary files (default results/runs and "
+                            "results/reports)")
     return parser
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """`path` is a directory kpbench can write in, or can be created as one (nothing is
+    created here): checked before any work."""
+    existing = path
+    while not existing.exists() and not existing.is_symlink():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is not one)"
+        raise UsageError(f"{option} {path}: not a directory{where}")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise UsageError(f"{option} {path}: {existing} is on a read-only filesystem")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -70,7 +134,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def print_summary(run_path: Path, console: Console) -> None:
     """Per mode: end-state max_mean, jain, new_pod_share, time_to_balance (mean over seeds)."""
+    from rich.table import Table
+
     from analysis.metrics import cell_metrics, summarize
+    from kpbench.config import Experiment
+    from kpbench.results import load_run
 
     run = load_run(run_path)
     config = Experiment.model_validate(run.manifest["config"])
@@ -95,6 +163,7 @@ def print_summary(run_path: Path, console: Console) -> None:
 
 def cmd_dry_run(args: argparse.Namespace, experiments: list[Experiment], out: Console) -> int:
     """`kpbench run --backend kind --dry-run`: write what the run would apply, run nothing."""
+    from kpbench.backends import PreflightError
     from kpbench.kube.backend import dry_run_problems
     from kpbench.kube.dryrun import write_dry_run
     from kpbench.kube.preflight import problems_line
@@ -113,9 +182,17 @@ def cmd_dry_run(args: argparse.Namespace, experiments: list[Experiment], out: Co
 
 
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    experiments = [load(path, args.overrides, args.seeds) for path in args.configs]
+    from kpbench.backends import resolve
+    from kpbench.config import expand_cells, load
+    from kpbench.results import ResultsWriteError
+    from kpbench.runner import run_experiment
+
+    check_writable_dir(args.out, "--out")
+    experiments = [load(path, args.overrides, args.seeds, args.max_cells)
+                   for path in args.configs]
     if args.dry_run:
         return cmd_dry_run(args, experiments, out)
+    cells = [expand_cells(experiment) for experiment in experiments]
     backend, note = resolve(args.backend, keep_cluster=args.keep_cluster,
                             kubeconfig=args.kubeconfig)
     for experiment in experiments:
@@ -126,34 +203,51 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[yellow]warning: {warning}[/yellow]")
     code = EXIT_OK
     paths: list[Path] = []
-    for experiment in experiments:
-        cells = expand_cells(experiment)
-        err.print(f"[bold]{experiment.name}[/bold]: {len(cells)} cells on backend "
-                  f"{backend.name}")
-        outcome = run_experiment(experiment, backend, args.out, err)
-        paths.append(outcome.folder.path)
-        if outcome.status in ("COMPLETED", "FAILED"):
-            print_summary(outcome.folder.path, out)
-        out.print(f"status {outcome.status}; results in {outcome.folder.path}")
-        if not args.no_report and outcome.status in ("COMPLETED", "FAILED"):
-            render_run_report(outcome.folder.path, out, err)
-        if outcome.exit_code != EXIT_OK:
-            code = outcome.exit_code
-        if outcome.exit_code == EXIT_INTERRUPTED:
-            break
-    print(paths[-1], flush=True)
+    failed: list[str] = []
+    interrupted_by = ""
+    try:
+        for experiment, expanded in zip(experiments, cells, strict=True):
+            err.print(f"[bold]{experiment.name}[/bold]: {len(expanded)} cells on backend "
+                      f"{backend.name}")
+            outcome = run_experiment(experiment, backend, args.out, err)
+            paths.append(outcome.folder.path)
+            if outcome.write_error is not None:
+                raise ResultsWriteError(outcome.write_error)
+            failed += [c["cell_id"] for c in outcome.folder.manifest["cells"]
+                       if c["status"] == "FAILED"]
+            if outcome.status in ("COMPLETED", "FAILED"):
+                print_summary(outcome.folder.path, out)
+            out.print(f"status {outcome.status}; results in {outcome.folder.path}")
+            if not args.no_report and outcome.status in ("COMPLETED", "FAILED"):
+                render_run_report(outcome.folder.path, out, err)
+            if outcome.exit_code != EXIT_OK:
+                code = outcome.exit_code
+            if outcome.exit_code == EXIT_INTERRUPTED:
+                interrupted_by = outcome.interrupted_by
+                break
+    finally:  # the results folder is the last line of standard output, whatever happens
+        if paths:
+            print(paths[-1], flush=True)
+    if interrupted_by:
+        _say(f"interrupted ({interrupted_by}); completed cells are kept in {paths[-1]}")
+    elif failed:
+        _say(f"{len(failed)} cell{'s' if len(failed) != 1 else ''} failed ({failed[0]}"
+             f"{', ...' if len(failed) > 1 else ''}); the others are kept in {paths[-1]}")
     return code
 
 
 def cmd_validate(args: argparse.Namespace, out: Console) -> int:
+    from kpbench.config import ConfigError, expand_cells, load
+
     problems: list[str] = []
     for path in args.configs:
         try:
-            experiment = load(path)
+            experiment = load(path, max_cells=args.max_cells)
+            count = len(expand_cells(experiment))
         except ConfigError as exc:
-            problems += [f"{path}: {p}" for p in exc.problems]
+            problems += [p if p.startswith(str(path)) else f"{path}: {p}" for p in exc.problems]
             continue
-        out.print(f"{path}: ok ({len(expand_cells(experiment))} cells)")
+        out.print(f"{path}: ok ({count} cells)")
     if problems:
         raise ConfigError(problems)
     return EXIT_OK
@@ -162,23 +256,23 @@ def cmd_validate(args: argparse.Namespace, out: Console) -> int:
 def render_run_report(run_path: Path, out: Console, err: Console) -> None:
     """At the end of `kpbench run`: render the run's report; a failure is reported, not fatal."""
     from analysis.report import ReportError, build_report
+    from kpbench.results import ResultsError
 
     try:
         report = build_report([run_path])
-    except (ReportError, ResultsError) as exc:
+    except (ReportError, ResultsError, OSError) as exc:
         err.print(f"[red]report not rendered:[/red] {exc}")
         return
     out.print(f"report: {report / 'index.html'}")
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, err: Console) -> int:
     """`kpbench report RESULTS_DIR... [--out DIR]`: one (comparative) report; prints index.html."""
-    from analysis.report import ReportError, build_report
+    from analysis.report import build_report
 
-    try:
-        report = build_report(args.results, args.out)
-    except ReportError as exc:
-        raise UsageError(str(exc)) from None
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
+    report = build_report(args.results, args.out, notify=lambda text: err.print(text))
     print(report / "index.html", flush=True)
     return EXIT_OK
 
@@ -198,71 +292,118 @@ def cmd_figures(out: Console) -> int:
     return EXIT_OK
 
 
-def cmd_clean(err: Console) -> int:
-    """Remove every lab namespace (with its links, rules and processes) this suite left, and
-    every kind cluster named `kpbench-*` when kind and a container engine are usable."""
-    from kpbench.backends import docker_and_kind
-    from kpbench.lab.netns import clean_all
+def cmd_clean(args: argparse.Namespace, err: Console) -> int:
+    """Remove what killed runs left; list what was removed and what was left, and why."""
+    from kpbench.clean import clean
+    from kpbench.results import DEFAULT_REPORTS_DIR, DEFAULT_RUNS_DIR
+
+    found = clean(args.results or [DEFAULT_RUNS_DIR, DEFAULT_REPORTS_DIR])
+    for item, why in found.removed:
+        err.print(f"clean: removed {item} ({why})", markup=False, highlight=False)
+    for item, why in found.left:
+        err.print(f"clean: left {item} ({why})", markup=False, highlight=False)
+    err.print(f"clean: removed {len(found.removed)}, left {len(found.left)}")
+    return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.command == "run":
+        return cmd_run(args, out, err)
+    if args.command == "validate":
+        return cmd_validate(args, out)
+    if args.command == "schema":
+        from kpbench.config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    if args.command == "report":
+        return cmd_report(args, err)
+    if args.command == "figures":
+        return cmd_figures(out)
+    if args.command == "clean":
+        return cmd_clean(args, err)
+    raise UsageError(f"unknown command {args.command}")
+
+
+def _one_line(exc: BaseException | str) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _classify(exc: BaseException) -> tuple[int, list[str]]:
+    """An exception -> (exit code, the lines to print after `kpbench: `)."""
+    from kpbench.backends import PreflightError
+    from kpbench.clean import CleanRefused
+    from kpbench.config import ConfigError
+    from kpbench.results import ResultsError, ResultsWriteError
 
     try:
-        removed = clean_all()
-    except FileNotFoundError:
-        removed = []  # no iproute2: there cannot be lab namespaces
-    err.print(f"clean: removed {len(removed)} lab namespaces" + (
-        f" ({', '.join(removed)})" if removed else ""))
-    from kpbench.vm import kill_leftovers
+        from analysis.report import ReportError
+    except ImportError:  # pragma: no cover - analysis is part of the package
+        ReportError = UsageError  # type: ignore[misc,assignment]
+    if isinstance(exc, ConfigError):
+        return EXIT_INVALID, [_one_line(p) for p in exc.problems]
+    if isinstance(exc, UsageError | PreflightError | ResultsError | ReportError | CleanRefused):
+        return EXIT_INVALID, [_one_line(exc)]
+    if isinstance(exc, ResultsWriteError):
+        return EXIT_FAILED, [_one_line(exc)]
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return EXIT_FAILED, [f"{exc.strerror or _one_line(exc)}{where}"]
+    return EXIT_FAILED, [f"internal error: {exc.__class__.__name__}: {_one_line(exc)} "
+                         "(--debug shows the traceback)"]
 
-    vms = kill_leftovers()
-    err.print(f"clean: stopped {len(vms)} kernel VMs whose kpbench process was gone" + (
-        f" (pids {', '.join(map(str, vms))})" if vms else ""))
-    if docker_and_kind() is None:
-        from kpbench.kube.cluster import ClusterError, KindCli
-        from kpbench.kube.preflight import Host, container_engine
 
-        engine = container_engine(Host())
-        cli = KindCli(engine[0] if engine else "docker")
+def entry() -> int:
+    """The `kpbench` command: `main`, after which a late signal can no longer change the exit
+    code (Python's own handlers would kill the process while it exits)."""
+    return main(final=True)
+
+
+def main(argv: Sequence[str] | None = None, final: bool = False) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
+    with signals.handled(final=final):
         try:
-            clusters = cli.kpbench_clusters()
-            for name in clusters:
-                cli.delete(name)
-        except ClusterError as exc:
-            err.print(f"[red]clean: kind clusters not removed:[/red] {exc}")
-            return EXIT_OK
-        err.print(f"clean: removed {len(clusters)} kind clusters" + (
-            f" ({', '.join(clusters)})" if clusters else ""))
-    return EXIT_OK
+            from rich.console import Console
+
+            out = Console(soft_wrap=True)
+            err = Console(stderr=True, soft_wrap=True)
+            args = build_parser().parse_args(argv)
+            return _dispatch(args, out, err)
+        except KeyboardInterrupt as exc:
+            if debug:
+                traceback.print_exc()
+            name = exc.args[0] if isinstance(exc, signals.Interrupted) else "SIGINT"
+            _say(f"interrupted ({name})")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _silence_stdout()
+            _say("standard output was closed")
+            return EXIT_FAILED
+        except Exception as exc:
+            if debug:
+                traceback.print_exc()
+            try:
+                code, lines = _classify(exc)
+            except KeyboardInterrupt:
+                _say("interrupted")
+                return EXIT_INTERRUPTED
+            for line in lines:
+                _say(line)
+            return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    out = Console(soft_wrap=True)
-    err = Console(stderr=True, soft_wrap=True)
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command == "run":
-            return cmd_run(args, out, err)
-        if args.command == "validate":
-            return cmd_validate(args, out)
-        if args.command == "schema":
-            print(json.dumps(json_schema(), indent=2))
-            return EXIT_OK
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "figures":
-            return cmd_figures(out)
-        if args.command == "clean":
-            return cmd_clean(err)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"kpbench: {line}", file=sys.stderr)
-        return EXIT_INVALID
-    except (UsageError, PreflightError, ResultsError) as exc:
-        print(f"kpbench: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("kpbench: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+def _say(line: str) -> None:
+    with suppress(OSError):
+        print(f"kpbench: {line}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so that Python's exit flush is quiet."""
+    with suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -11,13 +11,32 @@ import difflib
 import itertools
 import math
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from kpbench.limits import (
+    MAX_CELLS,
+    MAX_CONFIG_BYTES,
+    bound_problems,
+    cell_count,
+    safe_yaml,
+)
+from kpbench.limits import yaml_problem as _yaml_problem
 
 Mode = Literal["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-wlc", "ipvs-sh", "ipvs-mh"]
 ALL_MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
@@ -28,6 +47,7 @@ CLOSE_REASONS = ("lifetime", "reconnect", "max-age", "server-shutdown", "reset",
                  "end")
 L7_PROXY_REPLICAS = 2  # proxy pods of `workload.proxy: l7`, in every backend
 ROOT_SEED = 0  # every random stream of a cell is spawned from (ROOT_SEED, seed, ...)
+SEED_MAX = 2**63 - 1
 
 METRICS = (
     "max_mean",
@@ -57,8 +77,30 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+def _bool_for_number(value: Any, annotation: Any) -> bool:
+    """True when `value` (or an item of a list) is a YAML boolean where `annotation` wants a
+    number: pydantic would take true as 1."""
+    members = getattr(annotation, "__args__", ()) if get_origin(annotation) in (
+        Union, UnionType) else (annotation,)
+    if isinstance(value, bool):
+        return bool not in members and any(m in (int, float) for m in members)
+    if isinstance(value, list):
+        items = [get_args(m)[0] for m in members if get_origin(m) is list and get_args(m)]
+        return any(_bool_for_number(v, item) for v in value for item in items)
+    return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_for_number(value, field.annotation):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 def _check_int_or_percent(value: int | str) -> int | str:
@@ -316,6 +358,8 @@ class Experiment(_Strict):
             raise ValueError("must be >= 1 (a count) or a non-empty list of seeds")
         if isinstance(value, list) and (not value or len(set(value)) != len(value)):
             raise ValueError("must be a non-empty list of distinct seeds")
+        if isinstance(value, list) and not all(0 <= seed <= SEED_MAX for seed in value):
+            raise ValueError(f"every seed must lie in 0..{SEED_MAX} (2**63-1)")
         return value
 
     @field_validator("modes")
@@ -436,9 +480,13 @@ def validate(raw: Any) -> Experiment:
     if not isinstance(raw, dict):
         raise ConfigError(["config: must be a mapping of keys to values"])
     try:
-        return Experiment.model_validate(raw)
+        experiment = Experiment.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_problems(exc)) from None
+    problems = bound_problems(experiment)
+    if problems:
+        raise ConfigError(problems)
+    return experiment
 
 
 def _split_key(key: str) -> list[str | int]:
@@ -481,30 +529,45 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError([f"--set {text}: expected KEY=VALUE"])
     try:
-        return key, yaml.safe_load(value) if value.strip() else None
+        return key, safe_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        problem = f"--set {key}: value is not valid YAML ({exc.__class__.__name__})"
+        problem = f"--set {key}: value is not valid YAML ({_yaml_problem(exc)})"
         raise ConfigError([problem]) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8 YAML, a mapping."""
     try:
-        text = path.read_text()
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError([f"{path}: not a regular file"])
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB"])
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        raw = safe_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}:{where} not valid YAML"]) from None
+        raise ConfigError([f"{path}:{where} not valid YAML ({_yaml_problem(exc)})"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: must be a mapping of keys to values"])
     return raw
 
 
 def load(
-    path: Path, overrides: Sequence[str] = (), seeds: int | None = None
+    path: Path, overrides: Sequence[str] = (), seeds: int | None = None,
+    max_cells: int = MAX_CELLS,
 ) -> Experiment:
     """Read, override, validate. Raises ConfigError naming every problem found."""
     raw = read_yaml(path)
@@ -516,12 +579,16 @@ def load(
         except ConfigError as exc:
             problems += exc.problems
     if seeds is not None:
-        if seeds < 1:
-            problems.append("--seeds: must be >= 1")
+        if not 1 <= seeds <= max_cells:
+            problems.append(f"--seeds: must be 1..{max_cells} (the cell limit, --max-cells)")
         raw["seeds"] = seeds
     if problems:
         raise ConfigError(problems)
     experiment = validate(raw)
+    count = cell_count(experiment)
+    if count > max_cells:
+        raise ConfigError([f"{path}: {count:,} cells (modes x sweep points x seeds) exceed the "
+                           f"limit of {max_cells:,} (--max-cells)"])
     check_sweep(experiment)
     return experiment
 
@@ -597,7 +664,25 @@ def expand_cells(experiment: Experiment) -> list[Cell]:
             point = "".join(f"-{key.split('.')[-1]}{_slug(v)}" for key, v in params.items())
             for seed in experiment.seed_list:
                 cells.append(Cell(f"{mode}{point}-s{seed}", mode, seed, params, config))
+    check_cell_ids(cells)
     return cells
+
+
+CELL_ID_MAX = 200  # a cell id names the cell's folder of workload files
+
+
+def check_cell_ids(cells: Sequence[Cell]) -> None:
+    """Cell ids name files: each must be distinct (sweep values that only differ in type or
+    punctuation, 6 and '6', would collide) and short enough for a file name."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if len(cell.cell_id) > CELL_ID_MAX:
+            raise ConfigError([f"sweep: cell id {cell.cell_id[:40]}... is longer than "
+                               f"{CELL_ID_MAX} characters (shorter sweep values)"])
+        if cell.cell_id in seen:
+            raise ConfigError([f"sweep: points {seen[cell.cell_id].params} and {cell.params} "
+                               f"give the same cell id {cell.cell_id}"])
+        seen[cell.cell_id] = cell
 
 
 def iter_keys(model: type[BaseModel] = Experiment, prefix: str = "") -> Iterator[str]:

@@ -1,20 +1,31 @@
-"""The results format (design §5, `format_version: 1`): one folder per run, never overwritten.
+"""The results format (design §5): one folder per run, never overwritten.
 
 Format history:
-  1 — run.json, samples.parquet, events.parquet, connections.parquet, locust/, report/.
+  1 — run.json, samples.parquet, events.parquet, connections.parquet (written when the run
+      ends), locust/, report/.
+  2 — each cell is committed when it ends: its rows go to `cells/<n>.<table>.parquet` (n = the
+      cell's 1-based position in run.json, 5 digits), then its record `cells/<n>.json` (status,
+      error, data plane, row counts) is renamed into place: the record is the commit, so a run
+      killed at any point keeps every cell whose record exists, with all its rows. run.json is
+      written when the run starts (every cell PENDING, the owning process's identity) and
+      rewritten when it ends; while it runs, or if it never ended, the records say which cells
+      finished. Every file is written under a temporary name (`.<name>.<pid>-<start>.tmp`) and
+      renamed; a temporary name is never read as data.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import platform
+import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +34,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kpbench import __version__
+from kpbench import __version__, proc, signals
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS_DIR = Path("results") / "runs"
+DEFAULT_REPORTS_DIR = Path("results") / "reports"
+CELLS_DIR = "cells"
 
 RUN_STATUSES = ("RUNNING", "COMPLETED", "FAILED", "INTERRUPTED")
 CELL_STATUSES = ("PENDING", "COMPLETED", "FAILED", "UNSUPPORTED", "INTERRUPTED")
@@ -43,10 +56,16 @@ CONNECTION_COLUMNS = [
     "requests",
 ]
 TABLES = ("samples", "events", "connections")
+# `.<name>.<pid>.tmp` (format 1) or `.<name>.<pid>-<start ticks>.tmp`: a file being written.
+TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)(?:-(?P<start>\d+))?\.tmp$")
 
 
 class ResultsError(ValueError):
     """A results folder that cannot be read: one line says why."""
+
+
+class ResultsWriteError(OSError):
+    """Results could not be written (a full disk, a read-only folder): one line says where."""
 
 
 def utc_now() -> str:
@@ -58,16 +77,37 @@ def new_run_id() -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary name `path` is written under: it names the writing process, so that
+    `kpbench clean` can tell a file still being written from one a dead process left."""
+    me = proc.current()
+    return path.with_name(f".{path.name}.{me.pid}-{me.start or 0}.tmp")
+
+
+def temp_owner(name: str) -> proc.Identity | None:
+    """The process that writes a temporary file or folder named `name`; None if not one."""
+    match = TEMP_NAME.match(name)
+    if match is None:
+        return None
+    start = match.group("start")
+    return proc.Identity(int(match.group("pid")), int(start) if start else None)
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, replace: bool = False) -> None:
-    """Write to a temporary name beside `path`, then rename; refuse to overwrite unless asked."""
+    """Write to a temporary name beside `path`, then rename; refuse to overwrite unless asked.
+    On any failure (a full disk, a signal) the temporary file is removed."""
     if not replace and path.exists():
         raise FileExistsError(f"{path} exists; results are never overwritten")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, payload: Any, *, replace: bool = False) -> None:
@@ -75,12 +115,16 @@ def atomic_write_json(path: Path, payload: Any, *, replace: bool = False) -> Non
     atomic_write_bytes(path, text.encode(), replace=replace)
 
 
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    if path.exists():
-        raise FileExistsError(f"{path} exists; results are never overwritten")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    """A table as parquet (zstd); raises ValueError (pyarrow's ArrowInvalid / ArrowTypeError,
+    OverflowError) when a value cannot be stored."""
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, OverflowError) as exc:
+        raise ValueError(f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 def git_state() -> dict[str, Any]:
@@ -130,7 +174,7 @@ def base_versions() -> dict[str, Any]:
 
 @dataclass
 class RunFolder:
-    """A run folder being written: run.json is rewritten atomically as cells finish."""
+    """A run folder being written: each cell is committed on its own when it ends."""
 
     path: Path
     manifest: dict[str, Any]
@@ -161,45 +205,81 @@ class RunFolder:
             "git": git_state(),
             "versions": versions,
             "host": host_info(),
+            "process": proc.current().to_json(),
             "root_seed": root_seed,
             "cells": cells,
         }
         folder = cls(path, manifest)
-        atomic_write_json(path / "run.json", manifest)
+        try:
+            (path / CELLS_DIR).mkdir()
+            atomic_write_json(path / "run.json", manifest)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)  # nothing of a run that could not start
+            raise
         return folder
 
     @property
     def run_id(self) -> str:
         return str(self.manifest["run_id"])
 
-    def update_cell(self, cell_id: str, **fields: Any) -> None:
-        for cell in self.manifest["cells"]:
+    def _position(self, cell_id: str) -> int:
+        for number, cell in enumerate(self.manifest["cells"], start=1):
             if cell["cell_id"] == cell_id:
-                cell.update(fields)
-                break
-        else:
-            raise KeyError(cell_id)
-        self.save()
+                return number
+        raise KeyError(cell_id)
+
+    def commit_cell(
+        self,
+        cell_id: str,
+        status: str,
+        tables: dict[str, pd.DataFrame] | None = None,
+        artifacts: dict[str, bytes] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Commit one finished cell: its artifacts and table parts, then its record.
+
+        A table that cannot be stored raises ValueError before anything is written; a write
+        that fails (OSError) removes what this commit wrote. A signal waits for the commit.
+        """
+        assert status in CELL_STATUSES
+        number = self._position(cell_id)
+        encoded = {name: parquet_bytes(frame) for name, frame in (tables or {}).items()}
+        record: dict[str, Any] = {"cell_id": cell_id, "status": status, **fields}
+        if tables is not None:
+            record["rows"] = {name: len(frame) for name, frame in tables.items()}
+        written: list[Path] = []
+        with signals.deferred():
+            try:
+                for relative, content in (artifacts or {}).items():
+                    target = self.path / "locust" / cell_id / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(target, content)
+                    written.append(target)
+                for name, content in encoded.items():
+                    target = self.path / part_name(number, name)
+                    atomic_write_bytes(target, content)
+                    written.append(target)
+                atomic_write_json(self.path / record_name(number), record)
+            except BaseException:
+                for target in written:
+                    target.unlink(missing_ok=True)
+                raise
+        self.manifest["cells"][number - 1].update(record)
 
     def finish(self, status: str) -> None:
         assert status in RUN_STATUSES
-        self.manifest["status"] = status
-        self.manifest["finished_at"] = utc_now()
-        self.save()
+        with signals.deferred():
+            self.manifest["status"] = status
+            self.manifest["finished_at"] = utc_now()
+            atomic_write_json(self.path / "run.json", self.manifest, replace=True)
 
-    def save(self) -> None:
-        atomic_write_json(self.path / "run.json", self.manifest, replace=True)
 
-    def write_artifact(self, relative: str, content: bytes) -> None:
-        target = self.path / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, content)
+def part_name(number: int, table: str) -> str:
+    return f"{CELLS_DIR}/{number:05d}.{table}.parquet"
 
-    def write_table(self, name: str, frames: Iterable[pd.DataFrame], columns: list[str]) -> None:
-        parts = [f for f in frames if len(f)]
-        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        atomic_write_parquet(self.path / f"{name}.parquet", table)
+
+def record_name(number: int) -> str:
+    return f"{CELLS_DIR}/{number:05d}.json"
 
 
 @dataclass
@@ -228,35 +308,147 @@ class Run:
     def sweep_keys(self) -> list[str]:
         return list(self.manifest["config"].get("sweep", {}))
 
+    @property
+    def status(self) -> str:
+        return str(self.manifest.get("status"))
 
-def load_run(path: Path) -> Run:
-    """Read a run folder into pandas; reject an unknown format_version or a missing file."""
-    path = Path(path)
+    @property
+    def owner_alive(self) -> bool:
+        """True while the process that writes this RUNNING run is alive."""
+        owner = proc.Identity.from_json(self.manifest.get("process"))
+        return self.status == "RUNNING" and owner is not None and owner.alive()
+
+    @property
+    def unfinished(self) -> str | None:
+        """Why the run is not a finished one (said on the report), or None."""
+        done = sum(1 for c in self.cells if c["status"] == "COMPLETED")
+        progress = f"{done} of {len(self.cells)} cells completed"
+        if self.status == "RUNNING" and self.owner_alive:
+            return f"still running: {progress} so far; the report shows those"
+        if self.status == "RUNNING":
+            return (f"unfinished: the process writing this run stopped before the end "
+                    f"(killed?); {progress}, kept; the others never ran or were cut off")
+        if self.status == "INTERRUPTED":
+            return f"interrupted (Ctrl-C or SIGTERM): {progress}, kept"
+        return None
+
+
+def _fail(path: Path, problem: str) -> ResultsError:
+    return ResultsError(f"{path}: {problem}")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """run.json, checked for the keys every reader relies on (one-line ResultsError)."""
     manifest_path = path / "run.json"
     if not manifest_path.is_file():
-        raise ResultsError(f"{path}: not a results folder (no run.json)")
+        raise _fail(path, "not a results folder (no run.json)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{manifest_path}: unreadable ({exc})") from None
+        manifest = json.loads(manifest_path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(manifest_path, f"unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(manifest, dict):
+        raise _fail(manifest_path, "not a JSON object")
     version = manifest.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ResultsError(
-            f"{manifest_path}: format_version {version!r} is not supported "
-            f"(this kpbench reads {sorted(SUPPORTED_FORMAT_VERSIONS)})"
-        )
-    if not manifest.get("cells"):
-        raise ResultsError(f"{manifest_path}: the run has no cells")
+        raise _fail(manifest_path, f"format_version {version!r} is not supported "
+                                   f"(this kpbench reads {sorted(SUPPORTED_FORMAT_VERSIONS)})")
+    cells = manifest.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise _fail(manifest_path, "the run has no cells")
+    for key, kind in (("run_id", str), ("backend", str), ("config", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise _fail(manifest_path, f"{key} is missing or not a {kind.__name__}")
+    if manifest.get("status") not in RUN_STATUSES:
+        raise _fail(manifest_path, f"status {manifest.get('status')!r} is not one of "
+                                   f"{', '.join(RUN_STATUSES)}")
+    for number, cell in enumerate(cells, start=1):
+        if not isinstance(cell, dict) or not isinstance(cell.get("cell_id"), str):
+            raise _fail(manifest_path, f"cell {number} has no cell_id")
+        if cell.get("status") not in CELL_STATUSES:
+            raise _fail(manifest_path, f"cell {cell['cell_id']}: status "
+                                       f"{cell.get('status')!r} is unknown")
+    return manifest
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:
+        raise _fail(path, f"unreadable ({exc.__class__.__name__})") from None
+
+
+def _read_part(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except Exception as exc:
+        raise _fail(path, f"unreadable ({exc.__class__.__name__})") from None
+
+
+def _concat(parts: list[pa.Table], columns: list[str]) -> pd.DataFrame:
+    """Cells' parts as one frame: concatenated in arrow (one conversion), or through pandas
+    when the cells' column types differ (a sweep of values of different types)."""
+    filled = [t for t in parts if t.num_rows] or parts[:1]
+    if not filled:
+        return pd.DataFrame(columns=columns)
+    try:
+        return pa.concat_tables(filled, promote_options="permissive").to_pandas()
+    except (pa.ArrowException, ValueError):
+        return pd.concat([t.to_pandas() for t in filled], ignore_index=True)
+
+
+def _load_format_1(path: Path, manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Format 1: one file per table, written when the run ended (missing while it ran)."""
     tables: dict[str, pd.DataFrame] = {}
-    for name in TABLES:
+    for name, columns in zip(TABLES, (SAMPLE_COLUMNS, EVENT_COLUMNS, CONNECTION_COLUMNS),
+                             strict=True):
         table_path = path / f"{name}.parquet"
-        if not table_path.is_file():
-            if name == "connections":
-                tables[name] = pd.DataFrame(columns=CONNECTION_COLUMNS)
-                continue
-            raise ResultsError(f"{path}: {name}.parquet is missing")
-        try:
-            tables[name] = pd.read_parquet(table_path)
-        except Exception as exc:
-            raise ResultsError(f"{table_path}: unreadable ({exc.__class__.__name__})") from None
+        if table_path.is_file():
+            tables[name] = _read_parquet(table_path)
+        elif name == "connections" or manifest["status"] == "RUNNING":
+            tables[name] = pd.DataFrame(columns=columns)
+        else:
+            raise _fail(path, f"{name}.parquet is missing")
+    return tables
+
+
+def _load_format_2(path: Path, manifest: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Format 2: each cell's record overrides run.json's entry; a COMPLETED cell's parts must
+    all be there with the rows its record counts."""
+    frames: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
+    for number, cell in enumerate(manifest["cells"], start=1):
+        record_path = path / record_name(number)
+        if record_path.is_file():
+            try:
+                record = json.loads(record_path.read_bytes().decode())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise _fail(record_path, f"unreadable ({exc.__class__.__name__})") from None
+            if not isinstance(record, dict) or record.get("cell_id") != cell["cell_id"] \
+                    or record.get("status") not in CELL_STATUSES:
+                raise _fail(record_path, f"not the record of cell {cell['cell_id']}")
+            cell.update(record)
+        if cell["status"] != "COMPLETED":
+            continue
+        rows = cell.get("rows") or {}
+        for name in TABLES:
+            part = path / part_name(number, name)
+            if not part.is_file():
+                raise _fail(path, f"cell {cell['cell_id']} is COMPLETED but "
+                                  f"{part_name(number, name)} is missing")
+            table = _read_part(part)
+            if rows.get(name) != table.num_rows:
+                raise _fail(part, f"{table.num_rows} rows, the cell's record says "
+                                  f"{rows.get(name)}")
+            frames[name].append(table)
+    columns = (SAMPLE_COLUMNS, EVENT_COLUMNS, CONNECTION_COLUMNS)
+    return {name: _concat(frames[name], cols) for name, cols in zip(TABLES, columns,
+                                                                     strict=True)}
+
+
+def load_run(path: Path) -> Run:
+    """Read a run folder (finished or not) into pandas; one-line ResultsError if it cannot be
+    read: an unknown format_version, a missing file, a part without its rows."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    loader = _load_format_1 if manifest["format_version"] == 1 else _load_format_2
+    tables = loader(path, manifest)
     return Run(path, manifest, tables["samples"], tables["events"], tables["connections"])

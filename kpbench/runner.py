@@ -1,55 +1,45 @@
-"""Run an experiment: expand cells, drive the backend, write the results folder, summarise."""
+"""Run an experiment: expand cells, drive the backend, commit each cell's results as it ends.
+
+Each cell is committed on its own (`RunFolder.commit_cell`), so Ctrl-C, SIGTERM, a second signal,
+a full disk or a SIGKILL lose at most the cell that was running. A cell whose rows cannot be
+stored is FAILED with the reason; a write that fails (OSError) stops the run: the cells
+committed so far stay, and the error is raised as one `ResultsWriteError` line.
+"""
 
 from __future__ import annotations
 
-import signal
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kpbench import signals
 from kpbench.backends import Backend, CellResult, Unsupported
 from kpbench.config import ROOT_SEED, Cell, Experiment, expand_cells, sweep_value_label
-from kpbench.results import (
-    CONNECTION_COLUMNS,
-    EVENT_COLUMNS,
-    SAMPLE_COLUMNS,
-    RunFolder,
-    base_versions,
-)
+from kpbench.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
+from kpbench.results import CONNECTION_COLUMNS, ResultsWriteError, RunFolder, base_versions
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "RunOutcome",
+           "run_experiment"]
 
 
 @dataclass
 class RunOutcome:
     folder: RunFolder
     status: str
+    write_error: str | None = None
+    interrupted_by: str = "SIGINT"
 
     @property
     def exit_code(self) -> int:
+        if self.write_error is not None:
+            return EXIT_FAILED
         return {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED}.get(self.status, EXIT_INTERRUPTED)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops a run the way Ctrl-C does: completed cells are kept."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _cell_entry(cell: Cell) -> dict[str, Any]:
@@ -70,6 +60,19 @@ def _stamp(frame: pd.DataFrame, run_id: str, cell: Cell, with_mode: bool) -> pd.
     return frame
 
 
+def cell_tables(result: CellResult, run_id: str, cell: Cell) -> dict[str, pd.DataFrame]:
+    """A cell's rows as they are stored: stamped with the run, the cell and its sweep point."""
+    return {
+        "samples": _stamp(result.samples, run_id, cell, with_mode=True),
+        "events": _stamp(result.events, run_id, cell, with_mode=False),
+        "connections": result.connections.assign(cell_id=cell.cell_id)[CONNECTION_COLUMNS],
+    }
+
+
+def _write_error(folder: RunFolder, exc: OSError) -> str:
+    return f"cannot write results in {folder.path}: {exc.strerror or exc}"
+
+
 def run_experiment(
     experiment: Experiment,
     backend: Backend,
@@ -78,15 +81,17 @@ def run_experiment(
 ) -> RunOutcome:
     cells = expand_cells(experiment)
     versions = base_versions() | backend.versions()
-    folder = RunFolder.create(
-        runs_dir, experiment.name, backend.name, experiment.model_dump(mode="json"),
-        [_cell_entry(c) for c in cells], versions, ROOT_SEED,
-    )
+    try:
+        folder = RunFolder.create(
+            runs_dir, experiment.name, backend.name, experiment.model_dump(mode="json"),
+            [_cell_entry(c) for c in cells], versions, ROOT_SEED,
+        )
+    except OSError as exc:
+        raise ResultsWriteError(f"cannot create a results folder in {runs_dir}: "
+                                f"{exc.strerror or exc}") from None
     backend.attach(folder.path)
-    samples: list[pd.DataFrame] = []
-    events: list[pd.DataFrame] = []
-    connections: list[pd.DataFrame] = []
     status = "COMPLETED"
+    write_error: str | None = None
     progress = Progress(
         TextColumn("[bold]{task.fields[cell]}"),
         BarColumn(),
@@ -96,60 +101,71 @@ def run_experiment(
         transient=True,
     )
     clock = "simulated" if not backend.measured else "real"
-    try:
-        with sigterm_as_interrupt(), progress:
-            task = progress.add_task("", total=experiment.duration_seconds, cell="", clock="")
-            for number, cell in enumerate(cells, start=1):
-                label = f"cell {number}/{len(cells)} {cell.cell_id}"
-                progress.update(task, completed=0, cell=label, clock="")
-                reason = backend.unsupported_reason(cell.mode)
-                if reason is not None:
-                    folder.update_cell(cell.cell_id, status="UNSUPPORTED", error=reason)
-                    continue
+    running: str | None = None  # the cell being run, until it is committed
+    interrupted_by, stopped = "SIGINT", ""
+    with signals.handled():
+        try:
+            with progress:
+                task = progress.add_task("", total=experiment.duration_seconds, cell="",
+                                         clock="")
+                for number, cell in enumerate(cells, start=1):
+                    label = f"cell {number}/{len(cells)} {cell.cell_id}"
+                    progress.update(task, completed=0, cell=label, clock="")
+                    reason = backend.unsupported_reason(cell.mode)
+                    if reason is not None:
+                        folder.commit_cell(cell.cell_id, "UNSUPPORTED", error=reason)
+                        continue
 
-                def report(elapsed: float, _label: str = label) -> None:
-                    shown = f"{elapsed:.0f}/{experiment.duration_seconds:g} s {clock}"
-                    progress.update(task, completed=elapsed, clock=shown)
+                    def report(elapsed: float, _label: str = label) -> None:
+                        shown = f"{elapsed:.0f}/{experiment.duration_seconds:g} s {clock}"
+                        progress.update(task, completed=elapsed, clock=shown)
 
+                    running = cell.cell_id
+                    try:
+                        result: CellResult = backend.run_cell(cell, report)
+                    except Unsupported as exc:
+                        folder.commit_cell(cell.cell_id, "UNSUPPORTED", error=str(exc))
+                        continue
+                    except Exception as exc:
+                        status = "FAILED"
+                        console.print(f"[red]cell {cell.cell_id} failed:[/red] {exc}")
+                        folder.commit_cell(
+                            cell.cell_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}",
+                            traceback=traceback.format_exc(limit=8),
+                        )
+                        continue
+                    try:
+                        folder.commit_cell(cell.cell_id, "COMPLETED",
+                                           cell_tables(result, folder.run_id, cell),
+                                           result.artifacts, dataplane=result.dataplane)
+                    except ValueError as exc:  # a value the results format cannot hold
+                        status = "FAILED"
+                        console.print(f"[red]cell {cell.cell_id} failed:[/red] {exc}")
+                        folder.commit_cell(cell.cell_id, "FAILED",
+                                           error=f"results not storable: {exc}")
+                    running = None
+        except KeyboardInterrupt as exc:
+            status, stopped = "INTERRUPTED", "the run was interrupted"
+            if isinstance(exc, signals.Interrupted):
+                interrupted_by = str(exc.args[0])
+        except OSError as exc:
+            status, write_error = "FAILED", _write_error(folder, exc)
+            stopped = "results could not be written"
+        except Exception:
+            status, stopped = "FAILED", "kpbench stopped on an error"
+            raise
+        finally:
+            with signals.deferred():  # a (first) signal now waits until the run is recorded
+                with suppress(Exception):
+                    backend.close()
+                for entry in folder.manifest["cells"]:
+                    if entry["status"] == "PENDING":
+                        entry.update(
+                            status="INTERRUPTED" if status == "INTERRUPTED" else "FAILED",
+                            error=(f"cut off: {stopped}" if entry["cell_id"] == running
+                                   else f"not started: {stopped}"))
                 try:
-                    result: CellResult = backend.run_cell(cell, report)
-                except KeyboardInterrupt:
-                    folder.update_cell(cell.cell_id, status="INTERRUPTED",
-                                       error="interrupted while running")
-                    raise
-                except Unsupported as exc:
-                    folder.update_cell(cell.cell_id, status="UNSUPPORTED", error=str(exc))
-                    continue
-                except Exception as exc:
-                    status = "FAILED"
-                    console.print(f"[red]cell {cell.cell_id} failed:[/red] {exc}")
-                    folder.update_cell(
-                        cell.cell_id, status="FAILED",
-                        error=f"{exc.__class__.__name__}: {exc}",
-                        traceback=traceback.format_exc(limit=8),
-                    )
-                    continue
-                samples.append(_stamp(result.samples, folder.run_id, cell, with_mode=True))
-                events.append(_stamp(result.events, folder.run_id, cell, with_mode=False))
-                connections.append(result.connections.assign(cell_id=cell.cell_id))
-                for name, content in result.artifacts.items():
-                    folder.write_artifact(f"locust/{cell.cell_id}/{name}", content)
-                folder.update_cell(cell.cell_id, status="COMPLETED", dataplane=result.dataplane)
-    except KeyboardInterrupt:
-        status = "INTERRUPTED"
-        for entry in folder.manifest["cells"]:
-            if entry["status"] == "PENDING":
-                entry.update(status="INTERRUPTED", error="not started: the run was interrupted")
-        console.print("[yellow]interrupted: completed cells are kept[/yellow]")
-    finally:
-        backend.close()
-        sweep_keys = list(experiment.sweep)
-        folder.write_table("samples", samples, SAMPLE_COLUMNS[:4] + sweep_keys + SAMPLE_COLUMNS[4:])
-        folder.write_table("events", events, EVENT_COLUMNS)
-        folder.write_table(
-            "connections",
-            [c[CONNECTION_COLUMNS] for c in connections],
-            CONNECTION_COLUMNS,
-        )
-        folder.finish(status)
-    return RunOutcome(folder, status)
+                    folder.finish(status)
+                except OSError as exc:
+                    write_error = write_error or _write_error(folder, exc)
+    return RunOutcome(folder, status, write_error, interrupted_by)

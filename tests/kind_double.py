@@ -95,11 +95,24 @@ class InMemoryKubeDouble:
         self._change("Pod", "ADDED", pod)
         self._sync_slice(namespace)
 
-    def _remove_pod(self, namespace: str, name: str) -> None:
+    def _remove_pod(self, namespace: str, name: str, graceful: bool = True) -> None:
+        """A graceful delete shows the pod terminating first (deletionTimestamp), as the API
+        server does; grace 0 removes it at once."""
         pod = self.objects.pop(("Pod", namespace, name), None)
         if pod is not None:
+            if graceful:
+                pod["metadata"]["deletionTimestamp"] = "2023-11-14T22:13:30Z"
+                self._change("Pod", "MODIFIED", pod)
             self._change("Pod", "DELETED", pod)
             self._sync_slice(namespace)
+
+    def restart_container(self, namespace: str, name: str) -> None:
+        """What the kubelet shows after a container crashed and was restarted."""
+        with self.lock:
+            pod = self.objects[("Pod", namespace, name)]
+            pod["status"]["containerStatuses"] = [{"name": "server", "restartCount": 1,
+                                                   "state": {"running": {}}}]
+            self._change("Pod", "MODIFIED", pod)
 
     def _sync_slice(self, namespace: str) -> None:
         backends = self.pods(namespace, "app.kubernetes.io/name=backend")
@@ -182,7 +195,7 @@ class InMemoryKubeDouble:
                 return
             if kind == "Pod":
                 pod = self.objects.get(("Pod", namespace, name))
-                self._remove_pod(namespace, name)
+                self._remove_pod(namespace, name, graceful=grace_seconds != 0)
                 if pod is not None and pod["metadata"]["labels"].get(
                         "app.kubernetes.io/name") == "backend":
                     self._reconcile(namespace, "backend")

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from kpbench.results import FORMAT_VERSION, ResultsError, atomic_write_json, load_run
@@ -80,8 +79,8 @@ def test_validate_and_schema() -> None:
 def test_interrupt_keeps_completed_cells(tmp_path: Path, signum: int) -> None:
     config = tmp_path / "slow.yaml"
     config.write_text(
-        "name: slow\nmodes: [iptables, ipvs-rr]\nseeds: 1\nduration_seconds: 100000\n"
-        "sample_seconds: 50\nworkload: {connections: 3000, ramp_seconds: 50000,"
+        "name: slow\nmodes: [iptables, ipvs-rr]\nseeds: 1\nduration_seconds: 80000\n"
+        "sample_seconds: 50\nworkload: {connections: 2000, ramp_seconds: 40000,"
         " lifetime: {distribution: exponential, mean_seconds: 5}}\n"
     )
     quick = tmp_path / "quick.yaml"
@@ -109,7 +108,7 @@ def test_interrupt_keeps_completed_cells(tmp_path: Path, signum: int) -> None:
     assert [c["status"] for c in manifest["cells"]] == ["INTERRUPTED", "INTERRUPTED"]
     (quick_dir,) = tmp_path.glob("quick/*")
     assert json.loads((quick_dir / "run.json").read_text())["status"] == "COMPLETED"
-    assert pd.read_parquet(run_dir / "samples.parquet").empty
+    assert load_run(run_dir).samples.empty
 
 
 def test_loader_rejects_unknown_format_and_missing_files(tmp_path: Path) -> None:
@@ -118,8 +117,13 @@ def test_loader_rejects_unknown_format_and_missing_files(tmp_path: Path) -> None
     atomic_write_json(run_dir / "run.json", {"format_version": 99, "cells": [{}]})
     with pytest.raises(ResultsError, match="format_version 99"):
         load_run(run_dir)
-    atomic_write_json(run_dir / "run.json", {"format_version": 1, "cells": [{}]}, replace=True)
+    manifest = {"format_version": 1, "run_id": "r", "backend": "sim", "config": {},
+                "status": "COMPLETED", "cells": [{"cell_id": "c", "status": "COMPLETED"}]}
+    atomic_write_json(run_dir / "run.json", manifest, replace=True)
     with pytest.raises(ResultsError, match=r"samples\.parquet is missing"):
+        load_run(run_dir)
+    atomic_write_json(run_dir / "run.json", manifest | {"cells": [{}]}, replace=True)
+    with pytest.raises(ResultsError, match="cell 1 has no cell_id"):
         load_run(run_dir)
     atomic_write_json(run_dir / "run.json", {"format_version": 1, "cells": []}, replace=True)
     with pytest.raises(ResultsError, match="no cells"):

@@ -957,3 +957,37 @@ def test_cluster_backend_runs_a_cell_on_the_double() -> None:
     assert result.dataplane["verified"] is False and result.dataplane["nodes_checked"] == 0
     assert result.dataplane["cluster"]["kube_proxy"]["mode"] == "iptables"
     assert not result.samples.empty
+
+
+def test_pods_restarted_or_vanished_outside_the_timeline_are_events() -> None:
+    api = InMemoryKubeDouble()
+    clock = FakeClock()
+    driver = KubeCell(make_cell("iptables", []), api, "kpbench-t-1", "img:1", None,
+                      clock=clock, sleep=clock.sleep, wall_clock=clock.wall)
+    driver.t0 = clock()
+
+    def pod(name: str, restarts: int = 0, deleting: bool = False) -> dict[str, Any]:
+        metadata = {"name": name, **({"deletionTimestamp": "x"} if deleting else {})}
+        return {"metadata": metadata, "spec": {"nodeName": "worker1"},
+                "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready",
+                                                                 "status": "True"}],
+                           "containerStatuses": [{"name": "server", "restartCount": restarts}]}}
+
+    for name in ("a", "b", "c", "d"):
+        driver.observe_pod(pod(name), watched=True)
+    driver.observe_pod(pod("a", restarts=1), watched=True)  # crashed, restarted by the kubelet
+    driver.observe_pod(pod("b"), deleted=True, watched=True)  # force-deleted by someone else
+    driver.observe_pod(pod("c", deleting=True), watched=True)  # a graceful delete (rollout)
+    driver.observe_pod(pod("c"), deleted=True, watched=True)
+    driver.killed.add("d")  # the timeline's kill-pod
+    driver.observe_pod(pod("d"), deleted=True, watched=True)
+    incidents = [(event, name) for _, event, name, _ in driver.event_rows
+                 if event in ("pod_restarted", "pod_vanished")]
+    assert incidents == [("pod_restarted", "a"), ("pod_vanished", "b")]
+    driver.teardown()
+
+
+def test_a_timeline_of_rollout_and_kills_reports_no_incidents() -> None:
+    events = [{"at": 5, "action": "rollout"}, {"at": 10, "action": "kill-pod", "count": 2}]
+    _, result = run_driver(make_cell("iptables", events), InMemoryKubeDouble())
+    assert not set(result.events["event"]) & {"pod_restarted", "pod_vanished"}

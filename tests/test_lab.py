@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,16 +18,9 @@ from kpbench.lab.backend import LabBackend
 from kpbench.lab.netns import namespace_pids, run_owner, suite_namespaces
 from kpbench.results import load_run
 
-from .conftest import REPOSITORY
+from .conftest import LAB_MARKS, REPOSITORY
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)"),
-    pytest.mark.skipif(
-        any(shutil.which(t) is None for t in ("ip", "iptables-restore", "nft", "conntrack")),
-        reason="the lab needs iproute2, iptables, nftables and conntrack",
-    ),
-]
+pytestmark = LAB_MARKS
 
 
 def suite_processes() -> list[str]:

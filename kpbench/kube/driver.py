@@ -94,6 +94,7 @@ class PodState:
     terminating: bool = False
     deleted: bool = False
     ever_ready: bool = False
+    restarts: int = 0
 
 
 def pod_is_ready(pod: dict[str, Any]) -> bool:
@@ -157,6 +158,7 @@ class KubeCell:
         self.scrape_failures = 0
         self.l7_proxy: dict[str, Any] = {}
         self.stages = dict(manifests.cell_stages(namespace, self.cfg, image, run_label))
+        self.killed: set[str] = set()  # pods the timeline's kill-pod deleted
 
     # -- time and events ---------------------------------------------------------------------------
 
@@ -180,8 +182,10 @@ class KubeCell:
     # -- pods --------------------------------------------------------------------------------------
 
     def observe_pod(self, pod: dict[str, Any], deleted: bool = False,
-                    seen_at: float | None = None) -> None:
-        """Update the pod cache from an API object; record the transitions it shows."""
+                    seen_at: float | None = None, watched: bool = False) -> None:
+        """Update the pod cache from an API object (`watched`: from the watch, which shows each
+        change in order); record the transitions it shows, and restarts or disappearances that
+        no timeline event caused."""
         metadata = pod.get("metadata") or {}
         name = metadata.get("name", "")
         if not name:
@@ -214,9 +218,17 @@ class KubeCell:
             self.record("pod_ready", name, at=t, node=state.node)
             state.ever_ready = True
         state.ready = ready and not deleted
+        restarts = sum(int(c.get("restartCount") or 0)
+                       for c in status.get("containerStatuses") or [])
+        if restarts > state.restarts:  # a container restarted: no timeline event does that
+            self.record("pod_restarted", name, at=t, restarts=restarts)
+            state.restarts = restarts
         if metadata.get("deletionTimestamp") and not state.terminating:
             state.terminating = True
             self.record("pod_terminating", name, at=t)
+        if watched and deleted and not state.deleted and not state.terminating \
+                and name not in self.killed:  # the watch shows a graceful delete first
+            self.record("pod_vanished", name, at=t, reason="deleted at once, not by the timeline")
         if deleted and not state.deleted:
             state.deleted = True
             state.terminating = True
@@ -297,7 +309,8 @@ class KubeCell:
             except queue.Empty:
                 return
             if kind == "Pod":
-                self.observe_pod(obj, deleted=change == "DELETED", seen_at=seen_at)
+                self.observe_pod(obj, deleted=change == "DELETED", seen_at=seen_at,
+                                 watched=True)
             else:
                 self.observe_slice(obj, deleted=change == "DELETED", seen_at=seen_at)
 
@@ -471,6 +484,7 @@ class KubeCell:
             ready = sorted(p.name for p in self.pods.values() if p.ready)
             for name in self.rng.sample(ready, min(event.kill_count, len(ready))):
                 self.api.delete("Pod", self.namespace, name, grace_seconds=0)
+                self.killed.add(name)
                 self.record("pod_killed", name)
 
     # -- end ---------------------------------------------------------------------------------------

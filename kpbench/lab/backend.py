@@ -37,7 +37,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -132,13 +131,12 @@ class LabBackend:
                 f"--backend lab: missing {', '.join(missing)} "
                 "(apt-get install iproute2 iptables nftables conntrack procps ipvsadm)"
             )
-        routes = subprocess.run(["ip", "-4", "route", "show", "root", "198.18.0.0/15"],
-                                capture_output=True, text=True).stdout.strip()
-        addresses = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", "198.18.0.0/15"],
-                                   capture_output=True, text=True).stdout.strip()
-        if routes or addresses:
+        in_use = netns.range_in_use()
+        if in_use:
             raise PreflightError(
-                "--backend lab: 198.18.0.0/15 is already in use on this host; the lab needs it free"
+                "--backend lab: 198.18.0.0/15 is already in use on this host (" + in_use[0]
+                + (f", and {len(in_use) - 1} more" if len(in_use) > 1 else "")
+                + "); the lab needs it free"
             )
         if experiment.cluster.nodes > 200:
             raise PreflightError("--backend lab: cluster.nodes must be <= 200 in the lab")
@@ -323,7 +321,8 @@ class LabCell:
         self.reconcile_pending = False
         self.sample_lateness: list[float] = []
         self.sync_durations: list[float] = []  # writing every node's rules, per endpoint sync
-        self.workdir = Path(tempfile.mkdtemp(prefix="kpbench-lab-"))
+        self.unanswered: dict[str, float] = {}  # pod -> first sample its /metrics missed
+        self.workdir = netns.make_workdir(self.topology.tag)
         self.locust: list[subprocess.Popen[bytes]] = []
         self.clients: list[tuple[str, str, int]] = []
         hpa = self.cfg.backend.hpa
@@ -771,14 +770,52 @@ class LabCell:
 
     # -- sampling ------------------------------------------------------------------------------
 
+    def check_alive(self) -> None:
+        """A server, proxy or Locust process that exited on its own fails the cell: its pod
+        would otherwise vanish from the samples and read as balance."""
+        for pod in self.pods:
+            if (pod.pod.terminating_at is None and pod.process is not None
+                    and pod.process.poll() is not None):
+                raise RuntimeError(f"{pod.pod.name} (backend server) died mid-cell at "
+                                   f"t={self.now():.1f} s with exit code "
+                                   f"{pod.process.returncode}: {self.log_tail(pod)[-200:]}")
+        for proxy in self.proxies:
+            if proxy.process.poll() is not None:
+                raise RuntimeError(f"{proxy.name} (haproxy) died mid-cell at t={self.now():.1f} "
+                                   f"s with exit code {proxy.process.returncode}")
+        for index, process in enumerate(self.locust):
+            if process.poll() is not None:
+                who, log = (("the Locust master", "locust-master.log") if index == 0 else
+                            (f"Locust worker {index - 1}", f"locust-worker-{index - 1}.log"))
+                path = self.workdir / log
+                tail = path.read_text(errors="replace")[-200:] if path.exists() else ""
+                raise RuntimeError(f"{who} died mid-cell at t={self.now():.1f} s with exit code "
+                                   f"{process.returncode}: {' '.join(tail.split())}")
+
+    def check_silent(self) -> None:
+        """A ready pod whose /metrics stopped answering and never answered again, while it was
+        neither terminating nor gone, fails the cell."""
+        silent = [p for p in self.pods if p.pod.name in self.unanswered and p.pod.ready
+                  and not p.exited and p.pod.terminating_at is None]
+        if silent:
+            since = min(self.unanswered[p.pod.name] for p in silent)
+            raise RuntimeError(f"{', '.join(p.pod.name for p in silent)} stopped answering "
+                               f"/metrics at t={since:g} s and never answered again")
+
     def sample(self, planned: float) -> None:
         now = self.now()
         self.sample_lateness.append(now - planned)
+        self.check_alive()
         alive = [p for p in self.pods if not p.exited and p.process is not None]
         texts = self.scrape_all(alive)
         unanswered = [p.pod.name for p, text in zip(alive, texts, strict=True) if text is None]
         if unanswered:  # no row rather than an invented one; the gap is recorded
             self.record("scrape_failed", None, pods=unanswered, sample=planned)
+        for pod, text in zip(alive, texts, strict=True):
+            if text is None:
+                self.unanswered.setdefault(pod.pod.name, planned)
+            else:
+                self.unanswered.pop(pod.pod.name, None)
         for pod, text in zip(alive, texts, strict=True):
             if text is None:
                 continue
@@ -984,6 +1021,8 @@ class LabCell:
                 self.hpa_sync()
             elif action == "ipvs-graceful":
                 self.ipvs_graceful_pass()
+        self.check_alive()
+        self.check_silent()
         summary = self.stop_clients()
         return self.result(dataplane, summary)
 

@@ -15,17 +15,22 @@ namespaces, so no lab traffic can reach the host's networks.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kpbench import proc
 
 PREFIX = "kpb-"
 NAME = re.compile(r"^kpb-[0-9a-f]{6}-")
@@ -35,6 +40,45 @@ CLUSTER_IP = "198.19.0.10"
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 OWNERS_DIR = Path("/run/kpbench-lab")  # <tag> -> pid of the kpbench process that owns the run
+
+
+LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
+ROUTE_TYPES = frozenset({"unicast", "local", "broadcast", "multicast", "anycast", "unreachable",
+                         "blackhole", "prohibit", "throw", "nat"})
+
+
+def overlapping(addresses: str, routes: str) -> list[str]:
+    """What of `ip -4 -o addr show` and `ip -4 route show table all` overlaps 198.18.0.0/15:
+    an address or route inside it, or one covering it (198.16.0.0/12). A default route, and
+    the split default 0.0.0.0/1 + 128.0.0.0/1 of VPNs, cover everything and are no claim on it."""
+    found = []
+    for line in addresses.splitlines():
+        words = line.split()
+        if "inet" in words[:-1]:
+            found += _claims(words[words.index("inet") + 1], line)
+    for line in routes.splitlines():
+        words = line.split()
+        if words and words[0] in ROUTE_TYPES:
+            words = words[1:]
+        if words:
+            found += _claims(words[0], line)
+    return found
+
+
+def _claims(prefix: str, line: str) -> list[str]:
+    try:
+        network = ipaddress.ip_network(prefix, strict=False)
+    except ValueError:  # `default`, an interface name...
+        return []
+    if network.version != 4 or network.prefixlen < 2 or not network.overlaps(LAB_RANGE):
+        return []
+    return [" ".join(line.split())]
+
+
+def range_in_use() -> list[str]:
+    """The host's addresses and routes (every table) that overlap 198.18.0.0/15."""
+    return overlapping(run("ip", "-4", "-o", "addr", "show"),
+                       run("ip", "-4", "route", "show", "table", "all"))
 
 
 class LabError(RuntimeError):
@@ -94,7 +138,7 @@ class Topology:
     def register_owner(self) -> None:
         """Record this process as the run's owner, so `kpbench clean` leaves the run alone."""
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-        (OWNERS_DIR / self.tag).write_text(f"{os.getpid()}\n")
+        (OWNERS_DIR / self.tag).write_text(proc.current().to_text() + "\n")
 
     def create(self) -> None:
         self.register_owner()
@@ -201,27 +245,98 @@ def suite_namespaces() -> list[str]:
 
 
 def run_owner(namespace: str) -> int | None:
-    """The live kpbench process that owns `namespace`'s run, if any."""
+    """The live kpbench process that owns `namespace`'s run, if any (a PID that was reused by
+    another process since does not count: the identity includes its start time)."""
+    return tag_owner(namespace[len(PREFIX):len(PREFIX) + 6])
+
+
+def tag_owner(tag: str) -> int | None:
     try:
-        pid = int((OWNERS_DIR / namespace[len(PREFIX):len(PREFIX) + 6]).read_text())
-    except (OSError, ValueError):
+        owner = proc.Identity.from_text((OWNERS_DIR / tag).read_text())
+    except OSError:
         return None
-    return pid if _alive(pid) else None
+    return owner.pid if owner is not None and owner.alive() else None
 
 
-def clean_all() -> list[str]:
-    """`kpbench clean`: remove every namespace (and so every link, rule, process) that the suite
-    left behind; the namespaces of runs whose kpbench process is still alive are kept."""
-    removed = []
-    namespaces = [n for n in suite_namespaces() if run_owner(n) is None]
+WORKDIR_PREFIX = "kpbench-lab-"
+UNOWNED_GRACE = 3600.0  # a work folder without an owner file (older kpbench) is kept this long
+
+
+def make_workdir(tag: str) -> Path:
+    """A cell's folder of logs and configs, `<tmp>/kpbench-lab-<tag>-*`, marked with its owner
+    so that `kpbench clean` can tell a live cell's folder from one a killed run left."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{tag}-"))
+    (workdir / "owner").write_text(proc.current().to_text() + "\n")
+    return workdir
+
+
+def workdir_owner(workdir: Path) -> int | None:
+    """The live process that owns a lab work folder, if any."""
+    try:
+        owner = proc.Identity.from_text((workdir / "owner").read_text())
+    except OSError:
+        return None
+    return owner.pid if owner is not None and owner.alive() else None
+
+
+def suite_workdirs() -> list[Path]:
+    return sorted(p for p in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*")
+                  if p.is_dir() and not p.is_symlink())
+
+
+@dataclass
+class Leftovers:
+    """What `kpbench clean` found of the lab: (item, why) removed and left."""
+
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+
+
+def lab_leftovers() -> list[str]:
+    """Lab namespaces and work folders that exist (owned or not): what clean would look at."""
+    return [*suite_namespaces(), *(str(p) for p in suite_workdirs())]
+
+
+def clean_all() -> Leftovers:
+    """`kpbench clean`: remove every namespace (and so every link, rule, process) and work folder
+    the suite left behind; those of runs whose kpbench process is still alive are kept."""
+    found = Leftovers()
+    namespaces = []
+    for namespace in suite_namespaces():
+        owner = run_owner(namespace)
+        if owner is None:
+            namespaces.append(namespace)
+        else:
+            found.left.append((f"lab namespace {namespace}", f"its run's process {owner} is "
+                                                            "alive"))
     kill_processes([p for n in namespaces for p in namespace_pids(n)], grace_seconds=1.0)
     for namespace in namespaces:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        removed.append(namespace)
-    for owner in OWNERS_DIR.glob("*") if OWNERS_DIR.is_dir() else []:
-        if not any(n.startswith(f"{PREFIX}{owner.name}-") for n in suite_namespaces()):
-            owner.unlink(missing_ok=True)
-    return removed
+        if namespace in suite_namespaces():
+            found.left.append((f"lab namespace {namespace}", "ip netns del failed"))
+        else:
+            found.removed.append((f"lab namespace {namespace}", "its run's process is gone"))
+    for owner_file in OWNERS_DIR.glob("*") if OWNERS_DIR.is_dir() else []:
+        if not any(n.startswith(f"{PREFIX}{owner_file.name}-") for n in suite_namespaces()):
+            owner_file.unlink(missing_ok=True)
+    for workdir in suite_workdirs():
+        owner = workdir_owner(workdir)
+        if owner is not None:
+            found.left.append((f"lab folder {workdir}", f"its cell's process {owner} is alive"))
+            continue
+        if not (workdir / "owner").exists():
+            tag = workdir.name[len(WORKDIR_PREFIX):].split("-")[0]
+            alive = tag_owner(tag) if re.fullmatch(r"[0-9a-f]{6}", tag) else None
+            if alive is not None or time.time() - workdir.stat().st_mtime < UNOWNED_GRACE:
+                found.left.append((f"lab folder {workdir}", "no owner recorded and its run may "
+                                                            "be alive (under an hour old)"))
+                continue
+        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir.exists():
+            found.left.append((f"lab folder {workdir}", "could not be removed"))
+        else:
+            found.removed.append((f"lab folder {workdir}", "its cell's process is gone"))
+    return found
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
