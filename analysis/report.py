@@ -1,7 +1,7 @@
-"""Comparative reports (design §5 `report/`): index.html, summary.md, metrics.csv, figures.
+"""Comparative reports (`report/`): index.html, summary.md, metrics.csv, figures.
 
 `build_report(paths, out)` loads one or more run folders through the results loader, computes
-the §7 metrics, judges every claim of every run's config, renders the figures and writes the
+the metrics, judges every claim of every run's config, renders the figures and writes the
 report folder through a temporary directory renamed into place, so an existing report is never
 overwritten. A `sim` number is always labelled "modelled"; every table names its backend.
 """
@@ -150,7 +150,7 @@ def _mode_order(mode: str) -> int:
 
 
 def summary_table(runs: Sequence[RunData]) -> pd.DataFrame:
-    """Per run, mode and sweep point: seeds, mean and 95% t-interval of every §7 metric."""
+    """Per run, mode and sweep point: seeds, mean and 95% t-interval of every metric."""
     parts = []
     for data in runs:
         by = ["mode", *data.sweep_keys]

@@ -1,4 +1,4 @@
-"""`kpbench`: run, report, validate, schema, figures, clean (design §4).
+"""`kpbench`: run, report, validate, schema, figures, clean.
 
 Errors reach the user as one line `kpbench: ...` and an exit code (`kpbench.exitcodes`), never
 as a traceback (`--debug` shows it). SIGINT and SIGTERM are handled from the first line of

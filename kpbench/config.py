@@ -1,4 +1,4 @@
-"""The experiment config (design §3): YAML in, a validated and fully resolved model out.
+"""The experiment config: YAML in, a validated and fully resolved model out.
 
 Everything here is pure: no files are created. Errors are collected as `ConfigError`, whose lines
 name the dotted key path (`workload.lifetime.mean_seconds: must be > 0`).
@@ -41,7 +41,7 @@ from kpbench.limits import yaml_problem as _yaml_problem
 Mode = Literal["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-wlc", "ipvs-sh", "ipvs-mh"]
 ALL_MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
 DEFAULT_MODES: list[Mode] = ["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"]
-# connections.close_reason in results (design §5); `end` = still open when the cell ended. Kept
+# connections.close_reason in results; `end` = still open when the cell ended. Kept
 # here, the light module every process imports, so workload processes need not import pandas.
 CLOSE_REASONS = ("lifetime", "reconnect", "max-age", "server-shutdown", "reset", "load-change",
                  "end")

@@ -1,4 +1,4 @@
-"""The results format (design §5): one folder per run, never overwritten.
+"""The results format: one folder per run, never overwritten.
 
 Format history:
   1 — run.json, samples.parquet, events.parquet, connections.parquet (written when the run

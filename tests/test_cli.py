@@ -1,4 +1,4 @@
-"""The command line contract (design §4): exit codes, last line, nothing created on bad input."""
+"""The command line contract: exit codes, last line, nothing created on bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The experiment config contract (design §3)."""
+"""The experiment config contract."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`sim`: a discrete-event model of the data planes, the control plane and the clients.
 
-Nothing here is measured: every number is modelled (design §6.1). Virtual time, one heap of
+Nothing here is measured: every number is modelled. Virtual time, one heap of
 `(time, sequence, kind, a, b)` so that equal times resolve in scheduling order, and independent
 random streams per component spawned from the cell's seed, so a seed always gives the same cell.
 

@@ -1,4 +1,4 @@
-"""`--backend kind` and `--backend cluster`: real Kubernetes (design §6.3).
+"""`--backend kind` and `--backend cluster`: real Kubernetes.
 
 KindBackend: one kind cluster per mode, named `kpbench-<mode>-<config hash>` (1 control plane +
 `cluster.nodes` workers, `manifests/kind/cluster.yaml.j2`, the node image pinned by

@@ -1,4 +1,4 @@
-"""Read the data plane back and check it is the mode that was asked for (design §6.3).
+"""Read the data plane back and check it is the mode that was asked for.
 
 Three sources, each parsed here as pure functions (tested offline on sample text):
 - the kube-proxy ConfigMap (`kube-system/kube-proxy`, key `config.conf`, a
