@@ -218,7 +218,8 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
             if outcome.status in ("COMPLETED", "FAILED"):
                 print_summary(outcome.folder.path, out)
             out.print(f"status {outcome.status}; results in {outcome.folder.path}")
-            if not args.no_report and outcome.status in ("COMPLETED", "FAILED"):
+            if not args.no_report and outcome.status in ("COMPLETED", "FAILED") \
+                    and not outcome.late:
                 render_run_report(outcome.folder.path, out, err)
             if outcome.exit_code != EXIT_OK:
                 code = outcome.exit_code

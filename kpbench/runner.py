@@ -34,11 +34,14 @@ class RunOutcome:
     status: str
     write_error: str | None = None
     interrupted_by: str = "SIGINT"
+    late: bool = False  # a signal came after the run was recorded: its status stands
 
     @property
     def exit_code(self) -> int:
         if self.write_error is not None:
             return EXIT_FAILED
+        if self.late:
+            return EXIT_INTERRUPTED
         return {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED}.get(self.status, EXIT_INTERRUPTED)
 
 
@@ -102,7 +105,7 @@ def run_experiment(
     )
     clock = "simulated" if not backend.measured else "real"
     running: str | None = None  # the cell being run, until it is committed
-    interrupted_by, stopped = "SIGINT", ""
+    interrupted_by, stopped, late_signal = "SIGINT", "", ""
     with signals.handled():
         try:
             with progress:
@@ -155,17 +158,21 @@ def run_experiment(
             status, stopped = "FAILED", "kpbench stopped on an error"
             raise
         finally:
-            with signals.deferred():  # a (first) signal now waits until the run is recorded
-                with suppress(Exception):
-                    backend.close()
-                for entry in folder.manifest["cells"]:
-                    if entry["status"] == "PENDING":
-                        entry.update(
-                            status="INTERRUPTED" if status == "INTERRUPTED" else "FAILED",
-                            error=(f"cut off: {stopped}" if entry["cell_id"] == running
-                                   else f"not started: {stopped}"))
-                try:
-                    folder.finish(status)
-                except OSError as exc:
-                    write_error = write_error or _write_error(folder, exc)
-    return RunOutcome(folder, status, write_error, interrupted_by)
+            try:
+                with signals.deferred():  # a (first) signal now waits until the run is recorded
+                    with suppress(Exception):
+                        backend.close()
+                    for entry in folder.manifest["cells"]:
+                        if entry["status"] == "PENDING":
+                            entry.update(
+                                status="INTERRUPTED" if status == "INTERRUPTED" else "FAILED",
+                                error=(f"cut off: {stopped}" if entry["cell_id"] == running
+                                       else f"not started: {stopped}"))
+                    try:
+                        folder.finish(status)
+                    except OSError as exc:
+                        write_error = write_error or _write_error(folder, exc)
+            except signals.Interrupted as exc:  # came while the run was being recorded
+                late_signal = str(exc.args[0])
+    return RunOutcome(folder, status, write_error, late_signal or interrupted_by,
+                      late=bool(late_signal))

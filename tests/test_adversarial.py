@@ -27,7 +27,7 @@ from kpbench.backends.sim import SimBackend
 from kpbench.config import load
 from kpbench.lab.netns import WORKDIR_PREFIX, overlapping
 from kpbench.limits import BOUNDS, CROSS_BOUNDS
-from kpbench.results import CELLS_DIR, TABLES, load_run, temp_path
+from kpbench.results import CELLS_DIR, TABLES, RunFolder, load_run, temp_path
 from kpbench.runner import run_experiment
 
 from .conftest import EXPERIMENTS, REPOSITORY
@@ -337,10 +337,52 @@ def test_a_full_filesystem_mid_run_keeps_every_completed_cell(
 
 
 @pytest.fixture
-def small_run(tmp_path: Path) -> Path:
+def small_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A finished run that keeps its per-cell parts (as a run that never ended does)."""
+    monkeypatch.setattr(RunFolder, "compact_on_finish", False)
     config = write(tmp_path, TINY.format(seeds=2))
     outcome = run_experiment(load(config), SimBackend(), tmp_path / "runs", Console(quiet=True))
     return outcome.folder.path
+
+
+@pytest.fixture
+def compacted_run(tmp_path: Path) -> Path:
+    config = write(tmp_path, TINY.format(seeds=2))
+    outcome = run_experiment(load(config), SimBackend(), tmp_path / "runs", Console(quiet=True))
+    return outcome.folder.path
+
+
+def test_a_finished_run_is_compacted_and_reads_the_same(compacted_run: Path,
+                                                         small_run: Path) -> None:
+    assert json.loads((compacted_run / "run.json").read_text())["compacted"] is True
+    assert not list((compacted_run / CELLS_DIR).iterdir())  # parts and records folded in
+    a, b = load_run(compacted_run), load_run(small_run)
+    for name in TABLES:
+        left = getattr(a, name).drop(columns="run_id", errors="ignore").reset_index(drop=True)
+        right = getattr(b, name).drop(columns="run_id", errors="ignore").reset_index(drop=True)
+        assert left.equals(right), name
+
+
+@pytest.mark.parametrize(("kind", "named"), [("truncated", "unreadable"),
+                                              ("missing", "unreadable"),
+                                              ("wrong-rows", "the cells' records say")])
+def test_a_corrupted_compacted_run_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], compacted_run: Path, kind: str,
+        named: str) -> None:
+    table = compacted_run / "samples.parquet"
+    if kind == "truncated":
+        table.write_bytes(table.read_bytes()[:100])
+    elif kind == "missing":
+        table.unlink()
+    else:
+        manifest = json.loads((compacted_run / "run.json").read_text())
+        manifest["cells"][0]["rows"]["samples"] += 1
+        (compacted_run / "run.json").write_text(json.dumps(manifest))
+    out = tmp_path / "report"
+    code, _, err = run_main(capsys, "report", str(compacted_run), "--out", str(out))
+    assert code == 2
+    one_line(err, named)
+    assert not out.exists()
 
 
 def _corrupt(run_dir: Path, kind: str) -> str:
