@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=120)  # the table stays readable in CI logs
     problem = vm.preflight()
     if problem:
         console.print(f"kernel-conformance: {problem}", markup=False)
