@@ -168,22 +168,29 @@ class Topology:
         # ClusterIPs are answered by the nodes' rules; from the control namespace, via node 1.
         run("ip", "-n", self.control_ns, "route", "add", "198.19.0.0/24", "via", node_ip(0))
 
-    def add_pod(self, name: str, node: int) -> tuple[str, str]:
-        """A pod namespace on `node`; returns (namespace, ip)."""
+    def pod_namespace(self, name: str, node: int, peer_ns: str) -> tuple[str, str, str]:
+        """A pod namespace with the next address of `node`, its eth0's peer in `peer_ns`, and
+        its default route via the node (198.18.<node>.1); returns (namespace, ip, peer)."""
         host = self._next_host[node]
         if host > 254:
             raise LabError(f"node {node + 1} has no free pod address")
         self._next_host[node] += 1
         namespace, ip, veth = self.ns(name), pod_ip(node, host), f"v{name}"
-        node_ns = self.node_ns(node)
         self._add_namespace(namespace)
         run("ip", "link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name",
-            veth, "netns", node_ns)
+            veth, "netns", peer_ns)
         run("ip", "-n", namespace, "addr", "add", f"{ip}/32", "dev", "eth0")
         run("ip", "-n", namespace, "link", "set", "eth0", "up")
         gateway = pod_ip(node, 1)
         run("ip", "-n", namespace, "route", "add", gateway, "dev", "eth0", "scope", "link")
         run("ip", "-n", namespace, "route", "add", "default", "via", gateway)
+        return namespace, ip, veth
+
+    def add_pod(self, name: str, node: int) -> tuple[str, str]:
+        """A pod namespace on `node`; returns (namespace, ip)."""
+        node_ns = self.node_ns(node)
+        namespace, ip, veth = self.pod_namespace(name, node, node_ns)
+        gateway = pod_ip(node, 1)
         run("ip", "-n", node_ns, "addr", "add", f"{gateway}/32", "dev", veth)
         run("ip", "-n", node_ns, "link", "set", veth, "up")
         run("ip", "-n", node_ns, "route", "add", f"{ip}/32", "dev", veth)

@@ -167,22 +167,10 @@ class VmTopology(Topology):
 
     def add_pod(self, name: str, node: int) -> tuple[str, str]:
         """A pod namespace on `node`'s link bridge; its gateway is the node in the guest."""
-        host = self._next_host[node]
-        if host > 254:
-            raise LabError(f"node {node + 1} has no free pod address")
-        self._next_host[node] += 1
-        namespace, ip, veth = self.ns(name), pod_ip(node, host), f"v{name}"
         link = self.link_ns(node)
-        self._add_namespace(namespace)
-        run("ip", "link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name",
-            veth, "netns", link)
+        namespace, ip, veth = self.pod_namespace(name, node, link)
         run("ip", "-n", link, "link", "set", veth, "master", "br0", "up")
-        run("ip", "-n", namespace, "addr", "add", f"{ip}/32", "dev", "eth0")
-        run("ip", "-n", namespace, "link", "set", "eth0", "up")
-        gateway = pod_ip(node, 1)
-        run("ip", "-n", namespace, "route", "add", gateway, "dev", "eth0", "scope", "link")
         run("ip", "-n", namespace, "route", "add", CONTROL_IP, "dev", "eth0", "scope", "link")
-        run("ip", "-n", namespace, "route", "add", "default", "via", gateway)
         run("ip", "netns", "exec", namespace, "sysctl", "-qw",
             "net.ipv4.conf.all.accept_redirects=0", "net.ipv4.conf.eth0.accept_redirects=0")
         return namespace, ip
