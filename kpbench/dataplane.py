@@ -6,7 +6,8 @@ Rules / theory of operation (sources in the README's "Model" section):
   own rule set, IPVS table, rr cursor and lc counters.
 * `sync(serving, now)` installs the node's view of the endpoints (ready, not terminating; the
   caller falls back to serving-terminating ones when none are ready). It is called when the node's
-  kube-proxy syncs, `endpoint_sync_seconds` after a change.
+  kube-proxy sync completes (`kpbench.control`'s per-node sync loop); `IpvsSelector.update` is
+  the same for a known change.
 * iptables: rule i of n matches with probability 1/(n-i), so every endpoint gets 1/n of new
   connections. nftables: `numgen random mod n vmap`, the same distribution from one draw.
 * IPVS (`IpvsSelector`): each rule, with the kernel or kube-proxy source it follows, is in its

@@ -18,8 +18,8 @@ Settings shared by every backend (HAProxy 2.6 configuration manual, doc/configur
 - a pool of `SERVER_SLOTS` servers from one `server-template`; which backend pods fill it is
   the only difference between backends:
   - `RuntimeSlots` (lab): every slot starts disabled; the lab fills and empties slots through
-    the runtime API (`set server ... addr`, `state ready|maint`) `endpoint_sync_seconds` after
-    each endpoint change (`kpbench.lab.l7.Slots`);
+    the runtime API (`set server ... addr`, `state ready|maint`) when an endpoint change reaches
+    them (`kpbench.control`'s fanout, as a node's kube-proxy would see it) (`kpbench.lab.l7.Slots`);
   - `DnsDiscovery` (kind): HAProxy resolves the headless Service of the backend pods (one A
     record per ready pod) every `DNS_RESOLVE_SECONDS` and fills one slot per address
     (`resolvers` section; `init-addr none`: no slot is used before the first answer).

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +75,13 @@ class VmResult:
     console_log: str  # the guest kernel's console, for diagnosis
 
 
-def installed_kernels(boot: Path = Path("/boot")) -> list[Kernel]:
+def installed_kernels(boot: Path = Path("/boot"),
+                      modules: Path = Path("/lib/modules")) -> list[Kernel]:
     """Stock kernels with their modules installed, newest first."""
     kernels = []
     for image in boot.glob("vmlinuz-*"):
         release = image.name.removeprefix("vmlinuz-")
-        if (Path("/lib/modules") / release / "modules.dep").exists():
+        if (modules / release / "modules.dep").exists():
             kernels.append(Kernel(release, image))
     return sorted(kernels, key=lambda k: _version_key(k.release), reverse=True)
 
@@ -281,6 +283,47 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _default_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LANG")
+            if k in os.environ}
+
+
+def _prepare(kernel: Kernel, accel: str, share: Path, argv: Sequence[str],
+             env: Mapping[str, str], cwd: Path, *, memory_mib: int, cpus: int,
+             agent_socket: Path | None = None, taps: Sequence[str] = ()) -> list[str]:
+    """Write the guest's scripts into `share`; QEMU's command line."""
+    initramfs = build_initramfs(kernel)
+    (share / STATUS_FILE).unlink(missing_ok=True)
+    (share / INIT_FILE).write_text(stage2_script(share))
+    (share / COMMAND_FILE).write_text(command_script(argv, env, cwd))
+    return qemu_argv(kernel=kernel, initramfs=initramfs, share=share,
+                     console_log=share / "console.log", accel=accel, memory_mib=memory_mib,
+                     cpus=cpus, name=f"{MARKER}-{os.getpid()}", agent_socket=agent_socket,
+                     taps=taps)
+
+
+def _spawn(args: list[str], on_output: Callable[[str], None] | None
+           ) -> tuple[subprocess.Popen[bytes], threading.Thread, deque[str]]:
+    """Start QEMU in its own session, dying with its caller; its output (the command's, and
+    QEMU's own messages) goes line by line to `on_output`, the last lines are kept."""
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_die_with_parent)
+    tail: deque[str] = deque(maxlen=5)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            tail.append(line)
+            if on_output is not None:
+                on_output(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    return process, reader, tail
+
+
 def run(argv: Sequence[str], *, kernel: Kernel | None = None, accel: str = "auto",
         timeout: float = 600.0, env: Mapping[str, str] | None = None, cwd: Path | None = None,
         share: Path | None = None, memory_mib: int = 512, cpus: int = 2,
@@ -296,22 +339,14 @@ def run(argv: Sequence[str], *, kernel: Kernel | None = None, accel: str = "auto
         raise VmError(problem)
     kernel = kernel or default_kernel()
     accel = choose_accel(kernel, accel) if accel == "auto" else accel
-    initramfs = build_initramfs(kernel)
-    if env is None:
-        env = {k: os.environ[k] for k in ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LANG")
-               if k in os.environ}
     own_share = share is None
     share = Path(tempfile.mkdtemp(prefix="kpbench-vm-")) if share is None else share.resolve()
     started = time.monotonic()
     try:
-        (share / STATUS_FILE).unlink(missing_ok=True)
-        (share / INIT_FILE).write_text(stage2_script(share))
-        (share / COMMAND_FILE).write_text(command_script(argv, env, cwd or Path.cwd()))
-        console = share / "console.log"
-        args = qemu_argv(kernel=kernel, initramfs=initramfs, share=share, console_log=console,
-                         accel=accel, memory_mib=memory_mib, cpus=cpus,
-                         name=f"{MARKER}-{os.getpid()}")
+        args = _prepare(kernel, accel, share, argv, _default_env() if env is None else env,
+                        cwd or Path.cwd(), memory_mib=memory_mib, cpus=cpus)
         _boot(args, timeout, on_output)
+        console = share / "console.log"
         log = console.read_text(errors="replace") if console.exists() else ""
         status_file = share / STATUS_FILE
         if not status_file.exists():
@@ -325,35 +360,17 @@ def run(argv: Sequence[str], *, kernel: Kernel | None = None, accel: str = "auto
 
 
 def _boot(args: list[str], timeout: float, on_output: Callable[[str], None] | None) -> None:
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True,
-                               preexec_fn=_die_with_parent)
-    stderr: list[bytes] = []
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            if on_output is not None:
-                on_output(line)
-
-    readers = [threading.Thread(target=pump, daemon=True),
-               threading.Thread(target=lambda: stderr.append(process.stderr.read()),  # type: ignore[union-attr]
-                                daemon=True)]
-    for reader in readers:
-        reader.start()
+    process, reader, tail = _spawn(args, on_output)
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise VmError(f"the VM did not finish within {timeout:.0f} s") from None
     finally:
         _kill(process)
-        for reader in readers:
-            reader.join(timeout=5)
+        reader.join(timeout=5)
     if process.returncode != 0:
-        message = b"".join(stderr).decode(errors="replace").strip().splitlines()
         raise VmError(f"{QEMU} exited with {process.returncode}: "
-                      f"{message[-1] if message else 'no message'}")
+                      f"{tail[-1] if tail else 'no message'}")
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -431,25 +448,15 @@ class Session:
         if problem:
             raise VmError(problem)
         memory_mib, cpus, taps, netns, boot_timeout, on_output = self._options
-        initramfs = build_initramfs(self.kernel)
         self._share = share = Path(tempfile.mkdtemp(prefix="kpbench-vm-"))
-        env = {k: os.environ[k] for k in ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LANG")
-               if k in os.environ}
-        (share / INIT_FILE).write_text(stage2_script(share))
-        (share / COMMAND_FILE).write_text(command_script(
-            [sys.executable, "-m", "kpbench.vm_agent"], env, Path(__file__).resolve().parents[1]))
         socket_path = share / "agent.sock"
-        args = qemu_argv(kernel=self.kernel, initramfs=initramfs, share=share,
-                         console_log=share / "console.log", accel=self.accel,
-                         memory_mib=memory_mib, cpus=cpus, name=f"{MARKER}-{os.getpid()}",
-                         agent_socket=socket_path, taps=taps)
+        args = _prepare(self.kernel, self.accel, share, [sys.executable, "-m", "kpbench.vm_agent"],
+                        _default_env(), Path(__file__).resolve().parents[1],
+                        memory_mib=memory_mib, cpus=cpus, agent_socket=socket_path, taps=taps)
         if netns is not None:
             args = ["ip", "netns", "exec", netns, *args]
         started = time.monotonic()
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        threading.Thread(target=self._pump, args=(on_output,), daemon=True).start()
+        self._process = _spawn(args, on_output)[0]
         deadline = started + boot_timeout
         while not socket_path.exists():
             self._check_alive()
@@ -464,12 +471,6 @@ class Session:
         if not hello.get("ready"):
             raise VmError(f"the guest's agent said {hello}")
         self.boot_seconds = time.monotonic() - started
-
-    def _pump(self, on_output: Callable[[str], None] | None) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for raw in self._process.stdout:
-            if on_output is not None:
-                on_output(raw.decode(errors="replace").rstrip("\r\n"))
 
     def _check_alive(self) -> None:
         if self._process is not None and self._process.poll() is not None:

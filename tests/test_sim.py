@@ -14,7 +14,8 @@ from kpbench.backends.sim import Simulation
 from kpbench.config import expand_cells, validate
 
 
-def simulate(mode: str, seed: int = 1, **overrides: Any) -> CellResult:
+def make_simulation(mode: str, seed: int = 1, **overrides: Any) -> Simulation:
+    """A one-cell simulation; `a__b=v` sets the config key a.b."""
     raw: dict[str, Any] = {"name": "t", "modes": [mode], "seeds": [seed]}
     for key, value in overrides.items():
         node = raw
@@ -23,7 +24,11 @@ def simulate(mode: str, seed: int = 1, **overrides: Any) -> CellResult:
             node = node.setdefault(part, {})
         node[last] = value
     (cell,) = expand_cells(validate(raw))
-    return Simulation(cell).run(lambda t: None)
+    return Simulation(cell)
+
+
+def simulate(mode: str, seed: int = 1, **overrides: Any) -> CellResult:
+    return make_simulation(mode, seed, **overrides).run(lambda t: None)
 
 
 def end_counts(result: CellResult) -> pd.Series:
@@ -194,15 +199,7 @@ def test_kill_pod_resets_its_connections_and_is_replaced() -> None:
 
 
 def run_simulation(mode: str, seed: int = 1, **overrides: Any) -> Simulation:
-    raw: dict[str, Any] = {"name": "t", "modes": [mode], "seeds": [seed]}
-    for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    (cell,) = expand_cells(validate(raw))
-    simulation = Simulation(cell)
+    simulation = make_simulation(mode, seed, **overrides)
     simulation.run(lambda t: None)
     return simulation
 

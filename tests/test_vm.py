@@ -38,12 +38,16 @@ def test_preflight_names_every_missing_package(monkeypatch: pytest.MonkeyPatch) 
                               "linux-image-amd64")
 
 
-def test_kernels_are_ordered_newest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for release in ("6.1.0-9-amd64", "6.1.0-57-amd64", "5.10.0-30-amd64"):
-        (tmp_path / f"vmlinuz-{release}").touch()
-    monkeypatch.setattr(vm.Path, "exists", lambda self: True)
-    assert [k.release for k in vm.installed_kernels(tmp_path)] == [
-        "6.1.0-57-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"]
+def test_kernels_are_ordered_newest_first(tmp_path: Path) -> None:
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    for release in ("6.1.0-9-amd64", "6.1.0-57-amd64", "5.10.0-30-amd64", "6.2.0-1-nomodules"):
+        (boot / f"vmlinuz-{release}").touch()
+        if "nomodules" not in release:
+            (modules / release).mkdir(parents=True)
+            (modules / release / "modules.dep").touch()
+    assert [k.release for k in vm.installed_kernels(boot, modules)] == [
+        "6.1.0-57-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"]  # no modules, not usable
 
 
 @needs_vm

@@ -105,10 +105,7 @@ class Scenario:
     # -- observation -------------------------------------------------------------------------
 
     def table(self) -> list[list[Any]]:
-        with open("/proc/net/ip_vs") as f:
-            service = ipvs.find_service(ipvs.parse_ip_vs(f.read()), self.service)
-        servers = service.real_servers if service else []
-        return [[r.address, r.weight, r.active, r.inactive] for r in servers]
+        return [[r.address, r.weight, r.active, r.inactive] for r in self.current()]
 
     def record(self, event: dict[str, Any]) -> None:
         event["t_read"] = time.monotonic()

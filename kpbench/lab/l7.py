@@ -7,8 +7,9 @@ Kubernetes; the proxies reach the backend pods directly.
 
 The backend pods live in a fixed pool of `server-template` slots, all disabled at start; the lab
 fills and empties them through HAProxy's runtime API (`set server ... addr`, `state ready|maint`)
-`endpoint_sync_seconds` after each endpoint change, without a reload, so client connections to
-the proxy are never cut (on kind HAProxy resolves the headless Service itself).
+when an endpoint change reaches them (as a node's kube-proxy would see it), without a reload, so
+client connections to the proxy are never cut (on kind HAProxy resolves the headless Service
+itself).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ nothing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -58,8 +59,6 @@ class HostNodes:
         return self.run(node, ["cat", path])
 
     def describe(self) -> dict[str, str]:
-        import os
-
         return {"placement": "host", "kernel": os.uname().release}
 
 
