@@ -130,7 +130,9 @@ mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
-for d in run tmp dev/shm; do mount -t tmpfs tmpfs /newroot/$d; done
+# /tmp is not covered: the host's (and a project or virtualenv under it) must stay visible;
+# the guest's writes there land in the overlay's tmpfs like any other.
+for d in run dev/shm; do mount -t tmpfs tmpfs /newroot/$d; done
 mkdir -p "/newroot$share"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {SHARE_TAG} "/newroot$share"
 exec switch_root /newroot /bin/sh "$share/{INIT_FILE}"

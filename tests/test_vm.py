@@ -51,13 +51,18 @@ def test_kernels_are_ordered_newest_first(tmp_path: Path) -> None:
 
 
 @needs_vm
-def test_a_command_runs_in_the_stock_kernel_with_ipvs_and_no_network() -> None:
+def test_a_command_runs_in_the_stock_kernel_with_ipvs_and_no_network(tmp_path: Path) -> None:
     lines: list[str] = []
-    script = ("uname -r; modprobe ip_vs && test -e /proc/net/ip_vs && echo ipvs-ok; "
+    (tmp_path / "from-the-host").write_text("seen")
+    script = ("uname -r; cat from-the-host; echo; "
+              "modprobe ip_vs && test -e /proc/net/ip_vs && echo ipvs-ok; "
               "ls /sys/class/net; touch /usr/written-in-guest; exit 3")
-    result = vm.run(["sh", "-c", script], accel="tcg", timeout=240, on_output=lines.append)
+    # cwd under /tmp, as a clone or virtualenv there would be: the guest must see it
+    result = vm.run(["sh", "-c", script], accel="tcg", timeout=240, on_output=lines.append,
+                    cwd=tmp_path)
     assert result.exit_status == 3 and result.accel == "tcg"
     assert lines[0] == result.kernel_release == vm.default_kernel().release
+    assert lines[1] == "seen"
     assert "ipvs-ok" in lines
     assert lines[lines.index("ipvs-ok") + 1:] == ["lo"]  # no network device but loopback
     assert not Path("/usr/written-in-guest").exists()  # the host's root is read-only to it
