@@ -447,9 +447,10 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
                 return table
 
 
-def make_selector(mode: str, rng: random.Random) -> Selector:
+def make_selector(mode: str, rng: random.Random,
+                  address_of: Callable[[int], tuple[int, int]] = endpoint_address) -> Selector:
     if mode in ("iptables", "nftables"):
         return RandomSelector(rng)
     if mode.startswith("ipvs-"):
-        return IpvsSelector(scheduler_of(mode))
+        return IpvsSelector(scheduler_of(mode), address_of=address_of)
     raise ValueError(f"unknown mode {mode!r}")

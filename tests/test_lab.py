@@ -14,6 +14,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from kpbench.addresses import dotted
+from kpbench.backends.sim import Simulation
+from kpbench.config import expand_cells, load
 from kpbench.lab.backend import LabBackend
 from kpbench.lab.netns import namespace_pids, run_owner, suite_namespaces
 from kpbench.results import load_run
@@ -95,6 +98,11 @@ workload: {{clients: 3, connections: {connections}, ramp_seconds: 4}}
     # Uniform random choice: the per-pod counts are multinomial(600, 1/6).
     p_value = stats.chisquare(server_counts.to_numpy()).pvalue
     assert p_value > 0.001, server_counts.to_dict()
+    # The simulator gives the client pods the addresses the lab gave them (IPVS sh and mh
+    # hash them, so the model must see the same ones).
+    simulated = Simulation(expand_cells(load(config))[0])
+    simulated.run(lambda t: None)
+    assert set(run.connections["client"]) == {dotted(a) for a in simulated.client_address}
 
 
 def test_rollout_and_scale_out_produce_the_expected_pod_events(tmp_path: Path) -> None:

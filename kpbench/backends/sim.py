@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from kpbench import control, dataplane
+from kpbench.addresses import PodAddresses, pod_address
 from kpbench.backends.base import CellResult, Progress
 from kpbench.config import (
     ALL_MODES,
@@ -52,14 +53,6 @@ EPHEMERAL_PORTS = (32768, 60999)
 RAMP_BATCH = 2048
 
 _REASON = {name: code for code, name in enumerate(CLOSE_REASONS)}
-
-
-def client_ip(node: int, slot: int) -> int:
-    """198.18.<node>.<100 + slot> as an integer (RFC 2544 range, as the lab uses)."""
-    base = (198 << 24) + (18 << 16)
-    if slot < 150 and node < 256:
-        return base + (node << 8) + 100 + slot
-    return base + (1 << 16) + node * 4096 + slot  # more clients than a /24 holds: 198.19.x.y
 
 
 @dataclass
@@ -115,8 +108,11 @@ class Simulation:
         dataplane_stream = np.random.SeedSequence([ROOT_SEED, cell.seed, 1 + mode_key])
         rng_dataplane = random.Random(int(dataplane_stream.generate_state(1)[0]))
         self.nodes = cfg.cluster.nodes
+        self.addresses = PodAddresses(self.nodes)
+        self.pod_address: list[int] = []
         self.selectors = [
-            dataplane.make_selector(cell.mode, random.Random(rng_dataplane.getrandbits(64)))
+            dataplane.make_selector(cell.mode, random.Random(rng_dataplane.getrandbits(64)),
+                                    self.endpoint_address)
             for _ in range(self.nodes)
         ]
         self.ipvs = cell.mode.startswith("ipvs-")
@@ -162,6 +158,7 @@ class Simulation:
         # users
         self.user_node: list[int] = []
         self.user_ip: list[int] = []
+        self.client_address: list[int] = []  # per client pod, allocated in run()
         self.user_pod: list[int] = []
         self.user_gen: list[int] = []
         self.user_opened: list[float] = []
@@ -215,6 +212,7 @@ class Simulation:
         pod = control.Pod(index, f"backend-{self.revision}-{index:05d}", self.revision, node,
                           self.now, uid=self.rng_kubelet.getrandbits(63))
         self.pods.append(pod)
+        self.pod_address.append(pod_address(node, self.addresses.allocate(node)))
         self.alive[index] = None
         self.accepting.append(False)
         self.active.append(0)
@@ -238,6 +236,9 @@ class Simulation:
                                        backend.readiness_period_seconds)
             self.at(ready, READY, index)
         return index
+
+    def endpoint_address(self, pod: int) -> tuple[int, int]:
+        return self.pod_address[pod], dataplane.SERVER_PORT
 
     def node_name(self, node: int) -> str:
         return f"node-{node + 1}"
@@ -383,7 +384,7 @@ class Simulation:
             client = user % self.cfg.workload.clients
             node = self.cfg.client_node(client)
             self.user_node.append(node)
-            self.user_ip.append(client_ip(node, client // self.nodes))
+            self.user_ip.append(self.client_address[client])
             self.user_pod.append(-1)
             self.user_gen.append(0)
             self.user_opened.append(0.0)
@@ -629,8 +630,13 @@ class Simulation:
 
     def run(self, progress: Progress) -> CellResult:
         cfg = self.cfg
+        if self.l7:  # the proxy pods are created first, as the lab does
+            for index in range(L7_PROXY_REPLICAS):
+                self.addresses.allocate(index % self.nodes)
         for _ in range(self.replicas):
             self.create_pod(ready_now=True)
+        self.client_address = [pod_address(node, self.addresses.allocate(node)) for node in
+                               map(cfg.client_node, range(cfg.workload.clients))]
         self.reconcile_pending = False
         self.heap = [e for e in self.heap if e[2] != RECONCILE]
         heapq.heapify(self.heap)

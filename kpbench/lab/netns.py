@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kpbench import proc
+from kpbench.addresses import LAST_HOST, PodAddresses, dotted, pod_address
 
 PREFIX = "kpb-"
 NAME = re.compile(r"^kpb-[0-9a-f]{6}-")
@@ -97,7 +98,7 @@ def node_ip(node: int) -> str:
 
 
 def pod_ip(node: int, host: int) -> str:
-    return f"198.18.{node}.{host}"
+    return dotted(pod_address(node, host))
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Topology:
     nodes: int
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     namespaces: list[str] = field(default_factory=list)
-    _next_host: list[int] = field(default_factory=list)
+    addresses: PodAddresses = field(init=False)
 
     @property
     def prefix(self) -> str:
@@ -142,7 +143,7 @@ class Topology:
 
     def create(self) -> None:
         self.register_owner()
-        self._next_host = [2] * self.nodes
+        self.addresses = PodAddresses(self.nodes)
         self._add_namespace(self.bridge_ns)
         run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
@@ -171,10 +172,9 @@ class Topology:
     def pod_namespace(self, name: str, node: int, peer_ns: str) -> tuple[str, str, str]:
         """A pod namespace with the next address of `node`, its eth0's peer in `peer_ns`, and
         its default route via the node (198.18.<node>.1); returns (namespace, ip, peer)."""
-        host = self._next_host[node]
-        if host > 254:
+        host = self.addresses.allocate(node)
+        if host > LAST_HOST:
             raise LabError(f"node {node + 1} has no free pod address")
-        self._next_host[node] += 1
         namespace, ip, veth = self.ns(name), pod_ip(node, host), f"v{name}"
         self._add_namespace(namespace)
         run("ip", "link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name",

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kpbench import vm
+from kpbench.addresses import PodAddresses
 from kpbench.lab import netns
 from kpbench.lab.netns import CONTROL_IP, LabError, Topology, node_ip, ns_exec, pod_ip, run
 
@@ -108,7 +109,7 @@ class VmTopology(Topology):
     def create_host_side(self) -> None:
         """Host namespaces: the VM's, one link bridge per node, the control namespace."""
         self.register_owner()
-        self._next_host = [2] * self.nodes
+        self.addresses = PodAddresses(self.nodes)
         self._add_namespace(self.vm_ns)
         self._add_namespace(self.control_ns)
         for node in range(self.nodes):
