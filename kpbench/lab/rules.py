@@ -162,7 +162,7 @@ def iptables_partial_restore(table: ServiceTable, changed: Service,
     endpoints went from `old_endpoints` to those in `table` (pkg/proxy/iptables/proxier.go,
     syncProxyRules with MinimizeIPTablesRestore, GA in 1.28: `KUBE-SERVICES` is rewritten in
     full on every sync, only the chains of changed services are declared and written, and
-    chains no longer used are deleted with `-X`). The filter table's `KUBE-SERVICES` is
+    chains no longer used are declared (flushed) and deleted with `-X`). The filter table's `KUBE-SERVICES` is
     rewritten as well."""
     new_endpoints = next(e for s, e in table if s == changed)
     nat = ["*nat", ":KUBE-SERVICES - [0:0]"]
@@ -182,6 +182,7 @@ def iptables_partial_restore(table: ServiceTable, changed: Service,
              if endpoint_chain(changed, e) not in kept]
     if not new_endpoints and old_endpoints:
         stale.insert(0, service_chain(changed))
+    nat += [f":{chain} - [0:0]" for chain in stale]  # flushed, so that -X can delete them
     nat += [*jumps, *changed_rules, *(f"-X {chain}" for chain in stale), "COMMIT"]
     filter_table = ["*filter", ":KUBE-SERVICES - [0:0]", *rejects, "COMMIT"]
     return "\n".join(nat + filter_table) + "\n"
