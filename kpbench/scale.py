@@ -218,7 +218,7 @@ class Outcome:
 
 def run_host(config: ScaleConfig, commit: Callable[[dict[str, Any]], None],
              placements: dict[str, Any]) -> None:
-    placements["host"] = {"kernel": os.uname().release}
+    placements["host"] = {"kernel": os.uname().release, "load_average": os.getloadavg()}
     probe(config.points("host"),
           lambda row: commit({"placement": "host", "accel": "", **row}))
 
@@ -227,7 +227,8 @@ def run_vm(config: ScaleConfig, commit: Callable[[dict[str, Any]], None],
            placements: dict[str, Any], say: Callable[[str], None]) -> None:
     kernel = vm.default_kernel()
     accel = vm.choose_accel(kernel)
-    placements["vm"] = {"kernel": kernel.release, "accel": accel}
+    placements["vm"] = {"kernel": kernel.release, "accel": accel,
+                        "load_average": os.getloadavg()}
     errors: list[str] = []
     tail: list[str] = []
 
