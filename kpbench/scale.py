@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from kpbench import signals, vm
 from kpbench.config import ConfigError, _problems, _Strict, parse_override, read_yaml, set_dotted
 from kpbench.lab import netns
-from kpbench.lab.scale import MAX_SERVICES, ROW_PREFIX, Point, ProbeError, probe
+from kpbench.lab.scale import MAX_SERVICES, MAX_UNUSED, ROW_PREFIX, Point, ProbeError, fits, probe
 from kpbench.results import (
     atomic_write_bytes,
     atomic_write_json,
@@ -86,6 +86,11 @@ class ScaleConfig(_Strict):
     def _something(self) -> ScaleConfig:
         if self.host is None and self.vm is None:
             raise ValueError("host: set host, vm or both")
+        for key, sweep in (("host", self.host), ("vm", self.vm)):
+            if sweep is not None and not fits(max(sweep.services), self.endpoints_per_service):
+                raise ValueError(f"{key}.services: {max(sweep.services):,} services of "
+                                 f"{self.endpoints_per_service} endpoints do not fit the lab's "
+                                 f"unused addresses ({MAX_UNUSED:,})")
         return self
 
     def points(self, placement: Placement) -> list[Point]:
@@ -273,5 +278,8 @@ def run_scale(config: ScaleConfig, out: Path, say: Callable[[str], None]) -> Out
         status, error = "INTERRUPTED", f"interrupted ({exc})"
     except (ProbeError, netns.LabError, vm.VmError, OSError) as exc:
         status, error = "FAILED", str(exc)
+    except BaseException as exc:  # recorded, then reported as an internal error
+        folder.finish("FAILED", f"internal error: {exc!r}")
+        raise
     folder.finish(status, error)
     return Outcome(folder, status, error)

@@ -70,6 +70,7 @@ def test_nftables_and_ipvs_write_every_service_once() -> None:
     ("host.modes=[ipvs-lc]", "host.modes[0]: must be one of"),
     ("host.services=[1]", "host.services: each must be 2.."),
     ("host.servces=[10]", "host.servces: unknown key (did you mean 'services'?)"),
+    ("host.services=[20000]", "host.services: 20,000 services of 3 endpoints do not fit"),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_creates_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str) -> None:
@@ -127,13 +128,13 @@ def test_sigint_keeps_the_points_measured_and_leaves_nothing(tmp_path: Path) -> 
     before = set(netns.suite_namespaces())
     process = subprocess.Popen(
         [sys.executable, "-m", "kpbench", "scale", str(CONFIG), "--only", "host", "--out",
-         str(tmp_path), "--set", "host.services=[10, 20000]", "--set", "host.connects=10"],
+         str(tmp_path), "--set", "host.services=[10, 10000]", "--set", "host.connects=10"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("scale/*/points/00002.json")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)
-    time.sleep(0.5)  # inside the 20,000-service sync
+    time.sleep(0.5)  # inside the 10,000-service sync
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

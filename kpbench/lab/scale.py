@@ -77,12 +77,18 @@ def unused_address(index: int) -> str:
     return f"198.18.{128 + index // 254}.{index % 254 + 1}"
 
 
+def fits(services: int, endpoints: int) -> bool:
+    """Whether the unused addresses hold every fake endpoint and the one an endpoint change
+    adds."""
+    return (services - 1) * endpoints + 1 <= MAX_UNUSED
+
+
 def service_table(services: int, endpoints: int, real: Sequence[str]
                   ) -> list[tuple[Service, list[Endpoint]]]:
     """N services of `endpoints` endpoints; the last one's endpoints are the `real` pods."""
     if not 1 <= services <= MAX_SERVICES:
         raise ValueError(f"services: must be 1..{MAX_SERVICES}, got {services}")
-    if len(real) != endpoints or (services - 1) * endpoints + 1 > MAX_UNUSED:
+    if len(real) != endpoints or not fits(services, endpoints):
         raise ValueError(f"endpoints: {endpoints} per service do not fit the address range")
     table = []
     for i in range(services):
