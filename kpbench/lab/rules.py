@@ -101,7 +101,8 @@ def _service_chains(service: Service, endpoints: Sequence[Endpoint]) -> tuple[li
         if i < len(endpoints) - 1:
             chance = probability(len(endpoints) - i)
             statistic = f"-m statistic --mode random --probability {chance} "
-        chain_rules.append(f'-A {svc} -m comment --comment "{name} -> {endpoint}" {statistic}-j {sep}')
+        chain_rules.append(
+            f'-A {svc} -m comment --comment "{name} -> {endpoint}" {statistic}-j {sep}')
     for endpoint, sep in zip(endpoints, seps, strict=True):
         chain_rules.append(
             f"-A {sep} -m comment --comment {name} -s {endpoint.ip}/32 -j KUBE-MARK-MASQ")
@@ -162,8 +163,8 @@ def iptables_partial_restore(table: ServiceTable, changed: Service,
     endpoints went from `old_endpoints` to those in `table` (pkg/proxy/iptables/proxier.go,
     syncProxyRules with MinimizeIPTablesRestore, GA in 1.28: `KUBE-SERVICES` is rewritten in
     full on every sync, only the chains of changed services are declared and written, and
-    chains no longer used are declared (flushed) and deleted with `-X`). The filter table's `KUBE-SERVICES` is
-    rewritten as well."""
+    chains no longer used are declared (flushed) and deleted with `-X`). The filter table's
+    `KUBE-SERVICES` is rewritten as well."""
     new_endpoints = next(e for s, e in table if s == changed)
     nat = ["*nat", ":KUBE-SERVICES - [0:0]"]
     jumps: list[str] = []
@@ -300,9 +301,10 @@ def nft_endpoints_change(service: Service, old_endpoints: Sequence[Endpoint],
                          new_endpoints: Sequence[Endpoint]) -> str:
     """The `nft -f` transaction of kube-proxy's sync after one service's endpoints changed
     (pkg/proxy/nftables/proxier.go, syncProxyRules: unchanged services are left alone, the
-    changed service's chain is flushed and rewritten, endpoint chains of new endpoints are added
-    and stale ones deleted; kept endpoint chains are not touched). Both endpoint lists must be non-empty (a service that gains or loses its
-    last endpoint also moves between the verdict maps)."""
+    changed service's chain is flushed and rewritten, endpoint chains of new endpoints are
+    added and stale ones deleted; kept endpoint chains are not touched). Both endpoint lists
+    must be non-empty (a service that gains or loses its last endpoint also moves between the
+    verdict maps)."""
     kept, old = set(new_endpoints), set(old_endpoints)
     lines = ["table ip kube-proxy {"]
     for endpoint in new_endpoints:
