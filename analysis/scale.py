@@ -18,7 +18,7 @@ COLUMNS = ["placement", "kernel", "accel", "mode", "services", "endpoints", "con
            "incremental_steps"]
 PANELS = (("connect_median_us", "connect to the last Service, median (µs)"),
           ("sync_seconds", "full sync from empty (s)"),
-          ("incremental_seconds", "sync after one Service's endpoints change (s)"))
+          ("incremental_seconds", "incremental sync: one Service changed (s)"))
 
 
 def where(placement: str, kernel: str, accel: str) -> str:
