@@ -77,6 +77,20 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "kpbench.bench", *session.posargs)
 
 
+SCALE = "experiments/lab/scale.yaml"
+
+
+@nox.session(default=False)
+def scale(session: nox.Session) -> None:
+    """Rule sync time and connect latency per kube-proxy mode as Services grow (root; the host's
+    kernel and the kernel VM's); prints the results folder last."""
+    _install(session)
+    args = session.posargs
+    if not any(a.endswith((".yaml", ".yml")) for a in args):
+        args = [SCALE, *args]
+    session.run("kpbench", "scale", *args)
+
+
 @nox.session(name="tests-vm", default=False)
 def tests_vm(session: nox.Session) -> None:
     """Run the lab tests whose nodes run in the kernel VM (IPVS where the host has none)."""

@@ -1,4 +1,4 @@
-"""`kpbench`: run, report, validate, schema, figures, clean.
+"""`kpbench`: run, report, validate, scale, schema, figures, clean.
 
 Errors reach the user as one line `kpbench: ...` and an exit code (`kpbench.exitcodes`), never
 as a traceback (`--debug` shows it). SIGINT and SIGTERM are handled from the first line of
@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    parents=[debug])
     validate.add_argument("configs", nargs="+", type=Path, metavar="CONFIG")
     validate.add_argument("--max-cells", **max_cells)  # type: ignore[arg-type]
+
+    scale = commands.add_parser("scale", parents=[debug],
+                                help="rule sync time and connect latency per mode as Services "
+                                     "grow (a `kind: scale` config; root)")
+    scale.add_argument("config", type=Path, metavar="CONFIG")
+    scale.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a dotted config key (YAML value)")
+    scale.add_argument("--only", choices=["host", "vm"], default=None,
+                       help="run one placement of the config")
+    scale.add_argument("--out", type=Path, default=DEFAULT_RUNS_DIR,
+                       help="folder that receives <name>/<run_id>/ (default results/runs)")
 
     commands.add_parser("schema", help="print the JSON Schema of the experiment config",
                         parents=[debug])
@@ -237,12 +248,39 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return code
 
 
+def cmd_scale(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """`kpbench scale CONFIG`: measure, print the summary table; the folder is the last line."""
+    from kpbench import scale
+
+    check_writable_dir(args.out, "--out")
+    config = scale.load(args.config, args.overrides, args.only)
+    scale.preflight(config)
+    outcome = scale.run_scale(config, args.out, lambda text: err.print(text, highlight=False))
+    summary = outcome.folder.path / "summary.md"
+    if summary.exists():
+        out.print(summary.read_text(), markup=False, highlight=False)
+    print(outcome.folder.path, flush=True)
+    if outcome.status == "INTERRUPTED":
+        _say(f"{outcome.error}; the points measured are kept in {outcome.folder.path}")
+        return EXIT_INTERRUPTED
+    if outcome.status == "FAILED":
+        _say(f"failed: {outcome.error}; the points measured are kept in {outcome.folder.path}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace, out: Console) -> int:
-    from kpbench.config import ConfigError, expand_cells, load
+    from kpbench import scale
+    from kpbench.config import ConfigError, expand_cells, load, read_yaml
 
     problems: list[str] = []
     for path in args.configs:
         try:
+            if scale.is_scale_config(read_yaml(path)):
+                config = scale.load(path)
+                out.print(f"{path}: ok (scale: {len(config.points('host'))} host points, "
+                          f"{len(config.points('vm'))} vm points)")
+                continue
             experiment = load(path, max_cells=args.max_cells)
             count = len(expand_cells(experiment))
         except ConfigError as exc:
@@ -312,6 +350,8 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         return cmd_run(args, out, err)
     if args.command == "validate":
         return cmd_validate(args, out)
+    if args.command == "scale":
+        return cmd_scale(args, out, err)
     if args.command == "schema":
         from kpbench.config import json_schema
 

@@ -456,7 +456,9 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _problems(exc: ValidationError) -> list[str]:
+def _problems(exc: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, naming its key; unknown keys get a suggestion from `model`'s
+    (default Experiment)."""
     lines: list[str] = []
     for error in exc.errors():
         # Unions (int | str, ...) name their member in the location; keep the key path only.
@@ -469,7 +471,7 @@ def _problems(exc: ValidationError) -> list[str]:
             path = f"{path}.{problem.group(1)}" if path else problem.group(1)
             message = problem.group(2)
         if error["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Experiment, loc)
+            allowed = _allowed_keys(model or Experiment, loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             message = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
         lines.append(f"{path}: {message}" if path else message)
