@@ -20,8 +20,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.claims import MODES, Evaluation, Finding, Judgement
-from analysis.figures import FigureInfo, _save, _style, added_pod_share, mode_colour, \
-    scale_out_start
+from analysis.figures import (
+    FigureInfo,
+    _save,
+    _style,
+    added_pod_share,
+    mode_colour,
+    scale_out_start,
+)
 from analysis.metrics import end_window, ready_times, request_rates
 from analysis.report import METRIC_INFO
 from analysis.runs import RunData
@@ -137,7 +143,7 @@ def claims_figure(frame: pd.DataFrame, out_dir: Path, name: str = "claims") -> F
         f"Data: {name}.csv.", path)
 
 
-# --- rolling update: load per pod by ready order ---------------------------------------------------
+# --- rolling update: load per pod by ready order ------------------------------------------------
 
 
 def ready_order_load(data: RunData, mode: str, point: dict[str, Any]) -> pd.DataFrame:

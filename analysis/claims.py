@@ -18,7 +18,6 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from analysis.report import claim_row
 from analysis.runs import RunData, is_missing, point_label, prepare_run
-from kpbench.config import ConfigError, Experiment, load
+from kpbench.config import ConfigError, load
 
 CATALOGUE = Path(__file__).with_name("claims.yaml")
 MODES = ("iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh")
@@ -261,10 +260,6 @@ class Evaluation:
 
     def _ref(self, judgement: Judgement) -> PublishedRun:
         return next(r for r in self.published.runs if r.path == judgement.path)
-
-    @cached_property
-    def modelled_only(self) -> bool:
-        return all(f.measured is None for f in self.findings)
 
 
 def evaluate(catalogue: Catalogue, root: Path, experiments: Path,

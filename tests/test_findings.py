@@ -28,7 +28,6 @@ from analysis.claims import (
     CATALOGUE,
     MODES,
     Evaluation,
-    FindingsError,
     evaluate,
     load_catalogue,
 )
@@ -147,7 +146,7 @@ def test_the_newest_lab_run_is_used_and_missing_modes_say_why(tmp_path: Path) ->
     few = {"experiment": "few-connections-lab", "claim": "kube-proxy-balances-connections",
            "point": {"workload.connections": 12}}
     few_ipvs = {**few, "experiment": "few-connections-ipvs-lab"}
-    published, experiments, readme, catalogue = _tree(tmp_path, _rows(
+    published, experiments, _readme, catalogue = _tree(tmp_path, _rows(
         {"id": "few", "article": "few connections skew", "holds_when": "REFUTED",
          "sim": few, "lab": [few, few_ipvs]}))
     _copy_runs(published, "few-connections-lab/20261126T072112Z-45e669",
@@ -244,7 +243,8 @@ def test_the_committed_claims_table_is_what_the_published_runs_give(
                         ("rolling-update-pod-load", ready_order_load_frame(real)),
                         ("hpa-new-pod-share", new_pod_share_frame(real))):
         write_csv(frame, tmp_path / f"{name}.csv")
-        assert (tmp_path / f"{name}.csv").read_bytes() == (committed / f"{name}.csv").read_bytes(), (
+        regenerated = (tmp_path / f"{name}.csv").read_bytes()
+        assert regenerated == (committed / f"{name}.csv").read_bytes(), (
             f"{name}.csv differs from the committed one: run `kpbench findings`")
     text = README.read_text()
     inside = text[text.index(README_BEGIN) + len(README_BEGIN) + 1:text.index(README_END)]
