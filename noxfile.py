@@ -43,9 +43,10 @@ def report(session: nox.Session) -> None:
 
 @nox.session
 def figures(session: nox.Session) -> None:
-    """Regenerate the published figures from results/published."""
+    """Regenerate the published figures, the claims report and the README's claims table."""
     _install(session)
     session.run("kpbench", "figures")
+    session.run("kpbench", "findings")
 
 
 @nox.session

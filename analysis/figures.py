@@ -107,7 +107,7 @@ def _run_panels(runs: Sequence[RunData], counts: Sequence[int], max_cols: int, w
 def _save(figure: Figure, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, dpi=DPI, metadata={"Software": None})  # same bytes for the same figure
     return path
 
 

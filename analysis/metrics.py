@@ -170,18 +170,23 @@ def ready_order_rho(end: pd.DataFrame, readiness: pd.Series, cell_id: str) -> fl
     return float(stats.spearmanr(frame["ready"], frame["x"]).statistic)
 
 
-def request_max_mean(cell_samples: pd.DataFrame, window: float) -> float:
-    """max/mean of per-pod request rates over the last 10%, over pods serving at the end."""
+def request_rates(cell_samples: pd.DataFrame, window: float) -> pd.Series:
+    """Per pod serving at the end: its request rate over the samples from `window` on."""
     tail = cell_samples[cell_samples["t"] >= window]
     if tail.empty:
-        return math.nan
+        return pd.Series(dtype=float)
     last_t = tail["t"].max()
     serving_end = set(serving(tail[tail["t"] == last_t])["pod"])
     tail = tail[tail["pod"].isin(serving_end)]
     grouped = tail.groupby("pod", observed=True)
     span = grouped["t"].max() - grouped["t"].min()
     done = grouped["requests_total"].max() - grouped["requests_total"].min()
-    rates = (done / span.where(span > 0)).dropna()
+    return (done / span.where(span > 0)).dropna()
+
+
+def request_max_mean(cell_samples: pd.DataFrame, window: float) -> float:
+    """max/mean of per-pod request rates over the last 10%, over pods serving at the end."""
+    rates = request_rates(cell_samples, window)
     if rates.empty or rates.mean() == 0:
         return math.nan
     return float(rates.max() / rates.mean())

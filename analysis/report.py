@@ -180,7 +180,7 @@ def claim_results(runs: Sequence[RunData]) -> list[ClaimResult]:
             rows = []
             for mode in claim.modes or data.modes():
                 for point in data.points:
-                    rows.append(_claim_row(data, claim.metric, claim.comparison, mode, point))
+                    rows.append(claim_row(data, claim.metric, claim.comparison, mode, point))
             verdicts = {row["verdict"] for row in rows}
             if "REFUTED" in verdicts:
                 overall = "REFUTED"
@@ -193,8 +193,9 @@ def claim_results(runs: Sequence[RunData]) -> list[ClaimResult]:
     return results
 
 
-def _claim_row(data: RunData, metric: str, comparison: tuple[str, float], mode: str,
-               point: dict[str, Any]) -> dict[str, Any]:
+def claim_row(data: RunData, metric: str, comparison: tuple[str, float], mode: str,
+              point: dict[str, Any]) -> dict[str, Any]:
+    """One mode and sweep point of a claim: seeds, mean, 95% interval, verdict and a note."""
     cells = data.cells_at(mode, point)
     values = data.metrics[data.metrics["cell_id"].isin([c["cell_id"] for c in cells])][metric]
     result, mean, low, high, n = claim_verdict(metric, values.tolist(), comparison)

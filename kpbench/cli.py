@@ -1,4 +1,4 @@
-"""`kpbench`: run, report, validate, scale, schema, figures, clean.
+"""`kpbench`: run, report, validate, scale, schema, figures, findings, clean.
 
 Errors reach the user as one line `kpbench: ...` and an exit code (`kpbench.exitcodes`), never
 as a traceback (`--debug` shows it). SIGINT and SIGTERM are handled from the first line of
@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the JSON Schema of the experiment config",
                         parents=[debug])
     commands.add_parser("figures", help="regenerate the published figures", parents=[debug])
+    findings = commands.add_parser(
+        "findings", parents=[debug],
+        help="judge the article's claims on the published runs, lab first: write "
+             "results/published/claims/ and the README's claims table")
+    findings.add_argument("--published", type=Path, default=Path("results") / "published",
+                          help="the published runs (default results/published)")
+    findings.add_argument("--readme", type=Path, default=Path("README.md"),
+                          help="the README whose claims table is rewritten (default README.md)")
+    findings.add_argument("--experiments", type=Path, default=Path("experiments"),
+                          help="the experiment files (default experiments)")
+    findings.add_argument("--catalogue", type=Path, default=None,
+                          help="the claims catalogue (default analysis/claims.yaml)")
     clean = commands.add_parser("clean", parents=[debug],
                                 help="remove what killed runs left: lab namespaces and folders, "
                                      "results' temporary files, kind clusters")
@@ -331,6 +343,24 @@ def cmd_figures(out: Console) -> int:
     return EXIT_OK
 
 
+def cmd_findings(args: argparse.Namespace, out: Console) -> int:
+    """`kpbench findings`: the claims report and the README's claims table."""
+    from analysis.claims import CATALOGUE
+    from analysis.findings import write_findings
+
+    written = write_findings(args.published, args.readme, args.experiments,
+                             args.catalogue or CATALOGUE)
+    findings = written.evaluation.findings
+    measured = sum(1 for f in findings if f.measured is not None)
+    split = [f"{f.row.id}/{f.mode}" for f in findings if f.agreement in ("DISAGREE", "differ")]
+    out.print(f"findings: {len(written.evaluation.catalogue.claims)} claims x 5 modes, "
+              f"{measured} measured on the lab; lab and model verdicts differ in "
+              f"{len(split)}{': ' + ', '.join(split) if split else ''}")
+    out.print(f"findings: README claims table rewritten in {written.readme}")
+    print(written.folder / "README.md", flush=True)
+    return EXIT_OK
+
+
 def cmd_clean(args: argparse.Namespace, err: Console) -> int:
     """Remove what killed runs left; list what was removed and what was left, and why."""
     from kpbench.clean import clean
@@ -361,6 +391,8 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         return cmd_report(args, err)
     if args.command == "figures":
         return cmd_figures(out)
+    if args.command == "findings":
+        return cmd_findings(args, out)
     if args.command == "clean":
         return cmd_clean(args, err)
     raise UsageError(f"unknown command {args.command}")
@@ -379,12 +411,14 @@ def _classify(exc: BaseException) -> tuple[int, list[str]]:
     from kpbench.results import ResultsError, ResultsWriteError
 
     try:
+        from analysis.claims import FindingsError
         from analysis.report import ReportError
     except ImportError:  # pragma: no cover - analysis is part of the package
-        ReportError = UsageError  # type: ignore[misc,assignment]
+        ReportError = FindingsError = UsageError  # type: ignore[misc,assignment]
     if isinstance(exc, ConfigError):
         return EXIT_INVALID, [_one_line(p) for p in exc.problems]
-    if isinstance(exc, UsageError | PreflightError | ResultsError | ReportError | CleanRefused):
+    if isinstance(exc, UsageError | PreflightError | ResultsError | ReportError | FindingsError
+                  | CleanRefused):
         return EXIT_INVALID, [_one_line(exc)]
     if isinstance(exc, ResultsWriteError):
         return EXIT_FAILED, [_one_line(exc)]

@@ -1,0 +1,259 @@
+"""`kpbench findings`: the claims catalogue judged on published runs, lab first.
+
+Synthetic published trees are built in tmp_path from copies of real published runs (a few
+hundred kB each), edited where a case needs it; one module-scoped evaluation of the real
+catalogue over the real results/published/ checks that the committed claims table, the README's
+block and the figures' data are exactly what the runs give today.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.claim_figures import (
+    claims_frame,
+    make_figures,
+    new_pod_share_frame,
+    ready_order_load_frame,
+    write_csv,
+)
+from analysis.claims import (
+    CATALOGUE,
+    MODES,
+    Evaluation,
+    evaluate,
+    load_catalogue,
+)
+from analysis.findings import CLAIMS_FOLDER, README_BEGIN, README_END, block, write_findings
+from kpbench.cli import main
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PUBLISHED = REPOSITORY / "results" / "published"
+EXPERIMENTS = REPOSITORY / "experiments"
+README = REPOSITORY / "README.md"
+
+ROLLING_LAB = "rolling-update-lab/20261126T073448Z-bac2e0"
+ROLLING_SIM = "rolling-update-lab/20261129T114740Z-02a8d9"
+ROLLING_IPVS_LAB = "rolling-update-ipvs-lab/20261129T113222Z-3c35cb"
+ROLLING_IPVS_SIM = "rolling-update-ipvs-lab/20261129T114921Z-6998f4"
+MEANING = {"CONFIRMED": "it holds.", "REFUTED": "it does not.", "INCONCLUSIVE": "unsure."}
+
+
+def _copy_runs(root: Path, *runs: str) -> None:
+    for run in runs:
+        shutil.copytree(PUBLISHED / run, root / run, ignore=shutil.ignore_patterns("locust"))
+
+
+def _edit_manifest(path: Path, edit: object) -> None:
+    manifest = json.loads((path / "run.json").read_text())
+    edit(manifest)  # type: ignore[operator]
+    (path / "run.json").write_text(json.dumps(manifest))
+
+
+def _rows(*rows: dict[str, object]) -> dict[str, object]:
+    return copy.deepcopy(
+        {"claims": [{"holds_when": "CONFIRMED", "meaning": MEANING, **row} for row in rows]})
+
+
+def _tree(tmp_path: Path, catalogue: dict[str, object]) -> tuple[Path, Path, Path, Path]:
+    published = tmp_path / "published"
+    experiments = tmp_path / "experiments"
+    (experiments / "lab").mkdir(parents=True)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{README_BEGIN}\nold table\n{README_END}\n\nafter\n")
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(catalogue, sort_keys=False))
+    return published, experiments, readme, path
+
+
+ROLLOUT = {"experiment": "rolling-update-lab", "claim": "rollout-leaves-load-unbalanced"}
+ROLLOUT_IPVS = {"experiment": "rolling-update-ipvs-lab", "claim": "rollout-leaves-load-unbalanced"}
+
+
+def test_lab_first_with_the_model_beside_it_and_disagreements_flagged(tmp_path: Path) -> None:
+    published, experiments, readme, catalogue = _tree(tmp_path, _rows(
+        {"id": "rollout", "article": "a rollout unbalances", "sim": ROLLOUT,
+         "lab": [ROLLOUT, ROLLOUT_IPVS], "figures": ["ready-order-load"]},
+        {"id": "scale", "article": "ipvs scales", "not_measured": "being built"}))
+    _copy_runs(published, ROLLING_LAB, ROLLING_SIM, ROLLING_IPVS_LAB, ROLLING_IPVS_SIM)
+
+    def stricter(manifest: dict) -> None:  # the twin's claim made stricter: REFUTED in sim
+        for claim in manifest["config"]["claims"]:
+            if claim["id"] == "rollout-leaves-load-unbalanced":
+                claim["expect"] = "> 1.7"
+
+    _edit_manifest(published / ROLLING_SIM, stricter)
+    written = write_findings(published, readme, experiments, catalogue)
+    found = {(f.row.id, f.mode): f for f in written.evaluation.findings}
+    assert len(found) == 2 * len(MODES)
+
+    nft = found[("rollout", "nftables")]
+    assert nft.measured is not None and nft.measured.backend == "lab"
+    assert nft.measured.verdict == "CONFIRMED" and nft.measured.seeds == 3
+    assert nft.twin is not None and nft.twin.backend == "sim" and nft.twin.verdict == "REFUTED"
+    assert nft.agreement == "DISAGREE"
+    # the host run predates per-cell kernels: the run's own record, said to be that
+    assert [(k.placement, k.source) for k in nft.measured.kernels] == [("host", "run")]
+    ipt = found[("rollout", "iptables")]
+    assert (ipt.measured.verdict, ipt.twin.verdict, ipt.agreement) == (  # type: ignore[union-attr]
+        "INCONCLUSIVE", "REFUTED", "differ")
+    rr = found[("rollout", "ipvs-rr")]
+    assert rr.measured is not None and rr.measured.experiment == "rolling-update-ipvs-lab"
+    assert [(k.placement, k.release, k.accel) for k in rr.measured.kernels] == [
+        ("vm", "6.1.0-57-amd64", "tcg")]
+    assert rr.twin is not None and rr.twin.verdict == "CONFIRMED" and rr.agreement == "agree"
+    assert rr.model is None and rr.no_model == "rolling-update-lab does not run this mode"
+    for mode in MODES:
+        pending = found[("scale", mode)]
+        assert pending.measured is None and pending.model is None
+        assert pending.not_measured == "being built"
+
+    table = (written.folder / "README.md").read_text()
+    assert "**DISAGREE**" in table and "differ (one inconclusive)" in table
+    assert "VM 6.1.0-57-amd64 (tcg)" in table
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n") and text.endswith(f"{README_END}\n\nafter\n")
+    assert "old table" not in text and "| **rollout**: a rollout unbalances." in text
+    claims = pd.read_csv(written.folder / "claims.csv")
+    assert len(claims) == 2 * len(MODES)
+    assert set(claims.loc[claims["lab_mean"].notna(), "lab_verdict"]) <= {
+        "CONFIRMED", "REFUTED", "INCONCLUSIVE"}
+    figures = {f.name for f in written.figures}
+    assert figures == {"claims", "rolling-update-pod-load"}
+    for name in figures:
+        assert (written.folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (written.folder / f"{name}.csv").is_file()
+    load = pd.read_csv(written.folder / "rolling-update-pod-load.csv")
+    assert set(load["backend"]) == {"lab", "sim"}
+    assert set(load["mode"]) == {"iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"}
+
+    # regenerating from the same runs gives the same bytes, tables and figures alike
+    before = {p.name: p.read_bytes() for p in written.folder.iterdir()}
+    readme_before = readme.read_text()
+    again = write_findings(published, readme, experiments, catalogue)
+    assert {p.name: p.read_bytes() for p in again.folder.iterdir()} == before
+    assert readme.read_text() == readme_before
+
+
+def test_the_newest_lab_run_is_used_and_missing_modes_say_why(tmp_path: Path) -> None:
+    few = {"experiment": "few-connections-lab", "claim": "kube-proxy-balances-connections",
+           "point": {"workload.connections": 12}}
+    few_ipvs = {**few, "experiment": "few-connections-ipvs-lab"}
+    published, experiments, _readme, catalogue = _tree(tmp_path, _rows(
+        {"id": "few", "article": "few connections skew", "holds_when": "REFUTED",
+         "sim": few, "lab": [few, few_ipvs]}))
+    _copy_runs(published, "few-connections-lab/20261126T072112Z-45e669",
+               "few-connections-lab/20261126T101650Z-a2acd0",
+               "few-connections-lab/20261129T114435Z-44fdf1")
+    shutil.copy(EXPERIMENTS / "lab" / "few-connections-ipvs-lab.yaml", experiments / "lab")
+    evaluation = evaluate(load_catalogue(catalogue), published, experiments, catalogue)
+    found = {f.mode: f for f in evaluation.findings}
+    assert found["iptables"].measured is not None
+    assert found["iptables"].measured.run_id == "20261126T101650Z-a2acd0"  # 10 seeds, newer
+    assert found["iptables"].measured.seeds == 10
+    assert found["iptables"].measured.point == "connections=12"
+    assert found["ipvs-rr"].measured is None
+    assert found["ipvs-rr"].not_measured == (
+        "the lab variant few-connections-ipvs-lab has this mode; no lab run of it in this mode "
+        "is published yet")
+    assert found["ipvs-rr"].no_model == "few-connections-lab does not run this mode"
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda c: c["claims"][0].pop("meaning"), "claims.0.meaning"),
+    (lambda c: c["claims"][0]["meaning"].pop("REFUTED"), "claims.0"),
+    (lambda c: c["claims"][0].update(colour="red"), "claims.0.colour"),
+    (lambda c: c["claims"][0]["lab"][0].update(claim="no-such-claim"), "claims.0.lab.0.claim"),
+    (lambda c: c["claims"][0]["sim"].update(point={"workload.connections": 12}),
+     "claims.0.sim.point"),
+    (lambda c: c["claims"].append(dict(c["claims"][0])), "claim ids repeat"),
+])
+def test_a_bad_catalogue_is_one_line_exit_2_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], change: object, key: str) -> None:
+    catalogue = _rows({"id": "rollout", "article": "a rollout unbalances", "sim": ROLLOUT,
+                       "lab": [dict(ROLLOUT)]})
+    change(catalogue)  # type: ignore[operator]
+    published, experiments, readme, path = _tree(tmp_path, catalogue)
+    _copy_runs(published, ROLLING_LAB, ROLLING_SIM)
+    text = readme.read_text()
+    code = main(["findings", "--published", str(published), "--readme", str(readme),
+                 "--experiments", str(experiments), "--catalogue", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("kpbench: ") and key in err[0], err
+    assert not (published / CLAIMS_FOLDER).exists()
+    assert readme.read_text() == text
+
+
+def test_a_readme_without_the_markers_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    published, experiments, readme, path = _tree(tmp_path, _rows(
+        {"id": "rollout", "article": "a rollout unbalances", "sim": ROLLOUT}))
+    _copy_runs(published, ROLLING_SIM)
+    readme.write_text("# no markers\n")
+    code = main(["findings", "--published", str(published), "--readme", str(readme),
+                 "--experiments", str(experiments), "--catalogue", str(path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(readme) in err[0] and "claims-table:begin" in err[0]
+    assert not (published / CLAIMS_FOLDER).exists()
+    assert readme.read_text() == "# no markers\n"
+
+
+# --- the real catalogue over the real published runs ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real() -> Evaluation:
+    return evaluate(load_catalogue(CATALOGUE), PUBLISHED, EXPERIMENTS, CATALOGUE)
+
+
+def test_the_catalogue_covers_the_article_and_measures_first(real: Evaluation) -> None:
+    ids = [row.id for row in real.catalogue.claims]
+    assert {"rolling-update-imbalance", "rr-varying-lifetimes", "hpa-new-pods-idle",
+            "lc-per-node", "sh-balance", "periodic-reconnects", "reconnect-after-requests",
+            "l7-proxy", "ipvs-scalability"} <= set(ids)
+    for finding in real.findings:
+        if finding.measured is not None:
+            assert finding.measured.backend == "lab"  # a modelled number is never "measured"
+            assert finding.measured.kernels, f"{finding.row.id}/{finding.mode}: no kernel"
+            assert finding.twin is None or finding.twin.backend == "sim"
+        else:
+            assert finding.not_measured, f"{finding.row.id}/{finding.mode}: no reason"
+        assert finding.model is None or finding.model.backend == "sim"
+    measured = {(f.row.id, f.mode) for f in real.findings if f.measured is not None}
+    assert {("rolling-update-imbalance", m) for m in MODES} <= measured
+    assert ("lc-per-node", "ipvs-lc") in measured and ("sh-balance", "ipvs-sh") in measured
+
+
+def test_the_committed_claims_table_is_what_the_published_runs_give(
+        real: Evaluation, tmp_path: Path) -> None:
+    """`kpbench findings` was run after the last change to the runs or the catalogue: its
+    tables, the figures' data and the README's block regenerate to the same bytes."""
+    committed = PUBLISHED / CLAIMS_FOLDER
+    claims = claims_frame(real.findings)
+    for name, frame in (("claims", claims),
+                        ("rolling-update-pod-load", ready_order_load_frame(real)),
+                        ("hpa-new-pod-share", new_pod_share_frame(real))):
+        write_csv(frame, tmp_path / f"{name}.csv")
+        regenerated = (tmp_path / f"{name}.csv").read_bytes()
+        assert regenerated == (committed / f"{name}.csv").read_bytes(), (
+            f"{name}.csv differs from the committed one: run `kpbench findings`")
+    text = README.read_text()
+    inside = text[text.index(README_BEGIN) + len(README_BEGIN) + 1:text.index(README_END)]
+    assert inside == block(real), "the README's claims table is stale: run `kpbench findings`"
+    for line in (committed / "README.md").read_text().splitlines():
+        if line.startswith("!["):
+            assert (committed / line[line.index("](") + 2:-1]).is_file(), line
+    figures = make_figures(real, claims, tmp_path / "once")
+    again = make_figures(real, claims, tmp_path / "twice")
+    assert [f.name for f in figures] == ["claims", "rolling-update-pod-load", "hpa-new-pod-share"]
+    for first, second in zip(figures, again, strict=True):
+        assert first.path.read_bytes() == second.path.read_bytes(), first.name
