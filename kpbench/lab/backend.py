@@ -28,7 +28,6 @@ ClusterIP filtering) are not written: no lab client is a backend pod, so no pack
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +50,13 @@ import pandas as pd
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpbench import control, ipvs, vm
+from kpbench import control, ipvs, schedule, vm
 from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
 from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell, Experiment, expand_cells
-from kpbench.dataplane import IPVS_GRACEFUL_CHECK_SECONDS
 from kpbench.lab import l7, netns, rules
 from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
 from kpbench.lab.nodes import HostNodes, NodePlane, VmNodes, VmTopology
+from kpbench.schedule import Kind
 
 HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_HTTP_PORT = 8080, 9090, 9102, 80
 LOCUST_MASTER_PORT = 5557
@@ -278,8 +277,12 @@ def established_to(text: str, address: str) -> str:
 class LabCell:
     """One cell in real time."""
 
-    def __init__(self, cell: Cell, placement: str = "host") -> None:
+    def __init__(self, cell: Cell, placement: str = "host",
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.cell = cell
+        self.clock = clock  # the cell's clock and the loop's sleep (injected in tests)
+        self.sleep = sleep
         self.cfg = cell.config
         self.kernel_placement = placement
         self.session: vm.Session | None = None
@@ -312,8 +315,7 @@ class LabCell:
         self.replicas = self.cfg.backend.replicas
         self.revision = 1
         self.pods: list[LabPod] = []
-        self.heap: list[tuple[float, int, str, int]] = []
-        self.seq = 0
+        self.queue = schedule.EventQueue()
         self.t0 = 0.0
         self.event_rows: list[tuple[float, str, str, str]] = []
         self.sample_rows: list[dict[str, Any]] = []
@@ -336,11 +338,10 @@ class LabCell:
     # -- clock and queue -----------------------------------------------------------------------
 
     def now(self) -> float:
-        return time.monotonic() - self.t0
+        return self.clock() - self.t0
 
-    def at(self, t: float, action: str, arg: int = 0) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, action, arg))
+    def at(self, t: float, kind: Kind, arg: int = 0) -> None:
+        self.queue.at(t, kind, arg)
 
     def record(self, event: str, pod: LabPod | None = None, **detail: Any) -> None:
         self.event_rows.append((round(self.now(), 3), event, pod.pod.name if pod else "",
@@ -365,7 +366,7 @@ class LabCell:
         if start_now:
             self.start_server(lab_pod)
         else:
-            self.at(pod.created_at + self.cfg.backend.startup_seconds, "start", index)
+            self.at(pod.created_at + self.cfg.backend.startup_seconds, Kind.START, index)
         return lab_pod
 
     def start_server(self, lab_pod: LabPod) -> None:
@@ -388,7 +389,7 @@ class LabCell:
         lab_pod.process = subprocess.Popen(netns.ns_exec(namespace, command), stdout=log,
                                            stderr=subprocess.STDOUT)
         pod.started_at = self.now()
-        self.at(pod.started_at + lab_pod.probe_phase, "ready", pod.index)
+        self.at(pod.started_at + lab_pod.probe_phase, Kind.READY, pod.index)
 
     def log_tail(self, pod: LabPod) -> str:
         path = self.workdir / f"{pod.pod.name}.log"
@@ -417,7 +418,7 @@ class LabCell:
         if self.now() - pod.pod.created_at > STARTUP_TIMEOUT_SECONDS:
             raise RuntimeError(f"{pod.pod.name} not ready after {STARTUP_TIMEOUT_SECONDS:g} s")
         if not self.readyz(pod):
-            self.at(planned + self.cfg.backend.readiness_period_seconds, "ready", index)
+            self.at(planned + self.cfg.backend.readiness_period_seconds, Kind.READY, index)
             return
         pod.pod.ready_at = self.now()
         self.record("pod_ready", pod)
@@ -430,7 +431,7 @@ class LabCell:
             self.reconcile_pending = True
             self.at(self.now() + control.controller_delay(self.rng_control,
                                                           self.cfg.cluster.propagation),
-                    "reconcile")
+                    Kind.RECONCILE)
 
     def terminate(self, pod: LabPod, killed: bool = False) -> None:
         was_ready = pod.pod.ready
@@ -439,7 +440,7 @@ class LabCell:
         if pod.process is not None:
             pod.process.send_signal(signal.SIGKILL if killed else signal.SIGTERM)
         self.record("pod_killed" if killed else "pod_terminating", pod)
-        self.at(self.now() + READY_POLL_SECONDS, "exited", pod.pod.index)
+        self.at(self.now() + READY_POLL_SECONDS, Kind.EXITED, pod.pod.index)
         if was_ready:
             self.endpoints_changed(pod.pod.index, added=False)
 
@@ -450,7 +451,7 @@ class LabCell:
             grace = self.cfg.backend.termination_grace_seconds
             if self.now() - pod.pod.terminating_at > grace:
                 pod.process.kill()
-            self.at(self.now() + READY_POLL_SECONDS, "exited", index)
+            self.at(self.now() + READY_POLL_SECONDS, Kind.EXITED, index)
             return
         pod.exited = True
         pod.pod.deleted_at = self.now()
@@ -476,7 +477,7 @@ class LabCell:
         """As the simulator: one version per instant, then per node through kube-proxy's sync
         loop (kpbench.control.EndpointFanout)."""
         if self.fanout is not None and self.fanout.change(index, added):
-            self.at(self.now(), "publish")
+            self.at(self.now(), Kind.PUBLISH)
 
     def endpoints(self, pods: Iterable[int]) -> list[rules.Endpoint]:
         return sorted((rules.Endpoint(self.pods[i].ip, self.target_port) for i in pods),
@@ -505,13 +506,13 @@ class LabCell:
     def publish(self) -> None:
         assert self.fanout is not None
         for consumer, t in self.fanout.publish(self.now()):
-            self.at(t, "update", consumer)
+            self.at(t, Kind.UPDATE, consumer)
 
     def update(self, consumer: int) -> None:
         assert self.fanout is not None
         start = self.fanout.update(consumer, self.now())
         if start is not None:
-            self.at(start, "sync", consumer)
+            self.at(start, Kind.SYNC, consumer)
 
     def sync(self, consumer: int) -> None:
         assert self.fanout is not None
@@ -519,7 +520,7 @@ class LabCell:
         self.apply(consumer, decided)
         self.fanout.runners[consumer].run(self.now())  # completed after its real duration
         if decided.next_update is not None:
-            self.at(decided.next_update, "update", consumer)
+            self.at(decided.next_update, Kind.UPDATE, consumer)
 
     def apply(self, consumer: int, decided: control.NodeSync) -> None:
         """Write one node's rules for `decided.view` (or, behind the L7 proxies, their servers)."""
@@ -932,16 +933,15 @@ class LabCell:
             self.teardown()
 
     def _run(self, progress: Progress) -> CellResult:
-        cfg = self.cfg
-        self.t0 = time.monotonic()
+        self.t0 = self.clock()
         self.create_nodes()
         if self.scheduler is not None:
             self.prepare_ipvs()
         if self.cfg.workload.proxy == "l7":
             self.start_proxies()
-        setup_started = self.t0
+        setup_started = time.monotonic()
         initial = [self.create_pod(start_now=True) for _ in range(self.replicas)]
-        self.heap.clear()  # their probes: they are ready before the cell starts
+        self.queue.clear()  # their probes: they are ready before the cell starts
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         pending = list(initial)
         while pending:
@@ -964,67 +964,41 @@ class LabCell:
         self.start_clients()
         self.wait_for_first_connection(initial)
         # The cell's clock starts with the clients' ramp, as in the simulator.
-        self.t0 = time.monotonic()
+        self.t0 = self.clock()
         self.event_rows = [(0.0, e, n, d) for _, e, n, d in self.event_rows]
         for pod in initial:
             self.record("pod_ready", pod)
-        for index, event in enumerate(cfg.events):
-            self.at(event.at, "timeline", index)
-        samples = math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9)
-        for k in range(samples + 1):
-            self.at(k * cfg.sample_seconds, "sample", k)
-        if self.autoscaler is not None and cfg.backend.hpa is not None:
-            t = cfg.backend.hpa.sync_seconds
-            while t <= cfg.duration_seconds:
-                self.at(t, "hpa")
-                t += cfg.backend.hpa.sync_seconds
-            resolution = cfg.backend.hpa.metric_resolution_seconds
-            t = control.stream(self.cell.seed, control.STREAM_METRICS).uniform(0.0, resolution)
-            while t <= cfg.duration_seconds:
-                self.at(t, "scrape")
-                t += resolution
-        t = IPVS_GRACEFUL_CHECK_SECONDS
-        while self.scheduler is not None and t <= cfg.duration_seconds:
-            self.at(t, "ipvs-graceful")
-            t += IPVS_GRACEFUL_CHECK_SECONDS
-        while self.heap:
-            t, _, action, arg = self.heap[0]
-            if t > cfg.duration_seconds:
-                break
-            wait = t - self.now()
-            if wait > 0:
-                time.sleep(min(wait, 0.5))
-                continue
-            heapq.heappop(self.heap)
-            if action == "sample":
-                self.sample(t)
-                progress(t)
-            elif action == "ready":
-                self.check_ready(arg, t)
-            elif action == "start":
-                self.start_server(self.pods[arg])
-            elif action == "exited":
-                self.check_exited(arg)
-            elif action == "publish":
-                self.publish()
-            elif action == "reconcile":
-                self.reconcile()
-            elif action == "update":
-                self.update(arg)
-            elif action == "sync":
-                self.sync(arg)
-            elif action == "scrape":
-                self.scrape_cpu()
-            elif action == "timeline":
-                self.timeline(arg)
-            elif action == "hpa":
-                self.hpa_sync()
-            elif action == "ipvs-graceful":
-                self.ipvs_graceful_pass()
+        self.run_schedule(progress)
         self.check_alive()
         self.check_silent()
         summary = self.stop_clients()
         return self.result(dataplane, summary)
+
+    def run_schedule(self, progress: Progress) -> None:
+        """The cell's plan and the events it causes, in real time (kpbench.schedule)."""
+        self.queue.add_plan(schedule.plan(self.cfg, self.cell.seed, self.cell.mode))
+        loop = schedule.RealTimeLoop(self.queue, self.now, self.sleep, max_sleep=0.5)
+        loop.run(self.handlers(progress), self.cfg.duration_seconds)
+
+    def handlers(self, progress: Progress) -> dict[Kind, schedule.Handler]:
+        def on_sample(t: float, k: int) -> None:
+            self.sample(t)
+            progress(t)
+
+        return {
+            Kind.TIMELINE: lambda t, index: self.timeline(index),
+            Kind.SAMPLE: on_sample,
+            Kind.HPA_SYNC: lambda t, _: self.hpa_sync(),
+            Kind.METRICS_SCRAPE: lambda t, _: self.scrape_cpu(),
+            Kind.IPVS_GRACEFUL: lambda t, _: self.ipvs_graceful_pass(),
+            Kind.START: lambda t, index: self.start_server(self.pods[index]),
+            Kind.READY: lambda t, index: self.check_ready(index, t),
+            Kind.EXITED: lambda t, index: self.check_exited(index),
+            Kind.RECONCILE: lambda t, _: self.reconcile(),
+            Kind.PUBLISH: lambda t, _: self.publish(),
+            Kind.UPDATE: lambda t, consumer: self.update(consumer),
+            Kind.SYNC: lambda t, consumer: self.sync(consumer),
+        }
 
     def result(self, dataplane: dict[str, Any], summary: dict[str, Any]) -> CellResult:
         samples = pd.DataFrame(self.sample_rows)
