@@ -55,7 +55,7 @@ from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell
 from kpbench.kube import manifests
 from kpbench.kube.api import KubeApi, KubeError, pod_cpu_millicores
 from kpbench.kube.verify import check_node
-from kpbench.lab.backend import parse_metrics
+from kpbench.lab.sampling import CONNECTION_COLUMNS, parse_metrics
 from kpbench.schedule import Kind
 
 SETUP_TIMEOUT_SECONDS = 600.0
@@ -66,8 +66,6 @@ POLL_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 30
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 SLICE_SELECTOR = "kubernetes.io/service-name=backend"
-CONNECTION_COLUMNS = ["conn_id", "client", "node", "pod", "opened_at", "closed_at",
-                      "close_reason", "requests"]
 STOP_LOCUST = ["python", "-c", "import os, signal; os.kill(1, signal.SIGTERM)"]
 LIST_RESULTS = ["sh", "-c", "cd /results && for f in *; do [ -f \"$f\" ] || continue; "
                 "printf '%s\\n' \"$f\"; base64 \"$f\" | tr -d '\\n'; echo; done"]
