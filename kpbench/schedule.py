@@ -44,6 +44,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from kpbench import control
 from kpbench.config import Experiment
@@ -90,8 +91,9 @@ def order_of(kind: Kind, sequence: int) -> int:
 FIRST_DYNAMIC_ORDER = order_of(Kind.OPEN, 0)  # dynamic orders count up from here
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Planned:
+class Planned(NamedTuple):
+    """A planned event; tuples compare by time, then order: the schedule's order."""
+
     t: float
     order: int
     kind: Kind
@@ -151,7 +153,7 @@ def plan(cfg: Experiment, seed: int, mode: str, *, modelled_control: bool = True
         times |= {Kind.HPA_SYNC: hpa_sync_times(cfg),
                   Kind.METRICS_SCRAPE: scrape_times(cfg, seed),
                   Kind.IPVS_GRACEFUL: ipvs_graceful_times(cfg, mode)}
-    return sorted(Planned(t, order_of(kind, index), kind, index)
+    return sorted(Planned(t, rank(kind) * SEQUENCE_SPAN + index, kind, index)
                   for kind, ts in times.items() for index, t in enumerate(ts))
 
 
@@ -159,13 +161,13 @@ class EventQueue:
     """Planned and dynamic events by `(t, order)`: the real-time backends' queue."""
 
     def __init__(self, planned: list[Planned] | None = None) -> None:
-        self.heap: list[tuple[float, int, Kind, int]] = []
+        self.heap: list[tuple[float, int, Kind, int]] = []  # Planned or the same fields
         self.next_order = FIRST_DYNAMIC_ORDER
         if planned:
             self.add_plan(planned)
 
     def add_plan(self, planned: list[Planned]) -> None:
-        self.heap += [(p.t, p.order, p.kind, p.arg) for p in planned]
+        self.heap += planned
         heapq.heapify(self.heap)
 
     def at(self, t: float, kind: Kind, arg: int = 0) -> None:
