@@ -249,3 +249,18 @@ def test_hpa_waits_for_metrics_server_windows_before_scaling() -> None:
     assert 60.0 < first <= 120.0
     detail = pd.Series(scaled["detail"].iloc[0]).str.extract(r'"utilization": (\d+)')[0]
     assert detail.notna().all()  # whole percents
+
+
+@pytest.mark.parametrize(("connections", "events"), [
+    (10, [{"at": 0, "action": "load", "connections": 30}]),  # runs before the first ramp batch
+    (3000, [{"at": 1, "action": "load", "connections": 5000}]),  # a ramp while one is going on
+])
+def test_ramps_that_overlap_open_every_user_once_and_never_in_the_past(
+        connections: int, events: list[dict[str, Any]]) -> None:
+    result = simulate("iptables", duration_seconds=20, workload__connections=connections,
+                      workload__ramp_seconds=4, events=events)
+    connections_frame = result.connections
+    assert connections_frame["opened_at"].min() >= 0.0
+    assert connections_frame["conn_id"].nunique() == len(connections_frame)
+    assert end_counts(result).sum() == events[0]["connections"]
+    assert connections_frame.groupby("opened_at").size().max() <= connections
