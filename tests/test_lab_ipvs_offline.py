@@ -159,7 +159,7 @@ def sync_every_node(cell: lab.LabCell) -> None:
 
 def test_setup_sync_and_read_back_program_every_node(kernel: FakeKernel,
                                                      lc_cell: lab.LabCell) -> None:
-    lc_cell.rules.prepare()
+    lc_cell.kube_proxy.prepare()
     lc_cell.start_fanout()
     checked = lc_cell.read_back()
     assert checked["verified"] and checked["nodes_checked"] == 2
@@ -174,7 +174,7 @@ def test_setup_sync_and_read_back_program_every_node(kernel: FakeKernel,
 
 def test_a_terminating_pod_is_quiesced_then_deleted_by_the_graceful_pass(
         kernel: FakeKernel, lc_cell: lab.LabCell) -> None:
-    lc_cell.rules.prepare()
+    lc_cell.kube_proxy.prepare()
     lc_cell.start_fanout()
     leaving = lc_cell.pods[0]
     address = f"{leaving.ip}:8080"
@@ -187,17 +187,17 @@ def test_a_terminating_pod_is_quiesced_then_deleted_by_the_graceful_pass(
     assert lc_cell.read_back()["verified"]  # weight-1 servers are exactly the serving pods
     tables = [n.servers[SERVICE] for n in kernel.nodes.values() if n.schedulers]
     assert all(t[address][0] == 0 for t in tables)
-    lc_cell.rules.graceful_pass()
+    lc_cell.kube_proxy.graceful_pass()
     assert all(address in t for t in tables)  # still holds connections
     for table in tables:
         table[address][1] = 0
-    lc_cell.rules.graceful_pass()
+    lc_cell.kube_proxy.graceful_pass()
     assert all(address not in t and len(t) == 2 for t in tables)
 
 
 def test_connections_are_read_from_the_ipvs_connection_table(kernel: FakeKernel,
                                                             lc_cell: lab.LabCell) -> None:
-    lc_cell.rules.prepare()
+    lc_cell.kube_proxy.prepare()
     lc_cell.start_fanout()
     node_1 = kernel.nodes[lc_cell.topology.node_ns(0)]
     pod = lc_cell.pods[1]
@@ -214,15 +214,15 @@ def test_a_missing_scheduler_or_dummy_link_makes_the_cell_unsupported(
         kernel: FakeKernel, lc_cell: lab.LabCell) -> None:
     kernel.schedulers = ("rr",)
     with pytest.raises(Unsupported, match="IPVS scheduler lc is not available"):
-        lc_cell.rules.prepare()
+        lc_cell.kube_proxy.prepare()
     kernel.dummy_supported = False
     with pytest.raises(Unsupported, match="dummy link type"):
-        lc_cell.rules.prepare()
+        lc_cell.kube_proxy.prepare()
 
 
 def test_each_node_adds_its_real_servers_in_its_own_order(kernel: FakeKernel) -> None:
     for cell in lab_cell("ipvs-rr", pods=8, nodes=3):
-        cell.rules.prepare()
+        cell.kube_proxy.prepare()
         cell.start_fanout()
         orders = [list(kernel.nodes[cell.topology.node_ns(n)].servers[SERVICE])
                   for n in range(3)]

@@ -148,7 +148,7 @@ def test_the_lab_runs_the_plan_in_its_order() -> None:
     for name, kind in (("timeline", Kind.TIMELINE), ("sample", Kind.SAMPLE),
                        ("hpa_sync", Kind.HPA_SYNC), ("scrape_cpu", Kind.METRICS_SCRAPE)):
         setattr(lab, name, recorder.wrap(kind))  # the real ones need a running lab
-    lab.rules.graceful_pass = recorder.wrap(Kind.IPVS_GRACEFUL)  # type: ignore[method-assign]
+    lab.kube_proxy.graceful_pass = recorder.wrap(Kind.IPVS_GRACEFUL)  # type: ignore[method-assign]
     lab.t0 = clock()
     try:
         lab.run_schedule(lambda t: None)

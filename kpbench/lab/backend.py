@@ -40,7 +40,7 @@ from kpbench.backends.base import CellResult, PreflightError, Progress, Unsuppor
 from kpbench.config import ROOT_SEED, Cell, Experiment, expand_cells
 from kpbench.lab import netns, rules
 from kpbench.lab.clients import Clients
-from kpbench.lab.kube_proxy import NodeRules
+from kpbench.lab.kube_proxy import KubeProxy
 from kpbench.lab.netns import CLUSTER_IP, InsideGets, Topology
 from kpbench.lab.nodes import HostNodes, VmNodes, VmTopology
 from kpbench.lab.pods import GRPC_PORT, HTTP_PORT, STARTUP_TIMEOUT_SECONDS, LabPod, Servers
@@ -233,8 +233,9 @@ class LabCell:
         self.servers = Servers(cfg, self.topology, self.workdir, self.http)
         service = rules.Service("kpbench", "backend", cfg.workload.protocol, CLUSTER_IP,
                                 SERVICE_HTTP_PORT if http else GRPC_PORT)
-        self.rules = NodeRules(cell.mode, service, HostNodes(self.topology), cfg.cluster.nodes)
-        self.sampler = Sampler(cfg, self.rules)
+        self.kube_proxy = KubeProxy(cell.mode, service, HostNodes(self.topology),
+                                    cfg.cluster.nodes)
+        self.sampler = Sampler(cfg, self.kube_proxy)
         self.l7 = cfg.workload.proxy == "l7"
         self.proxies = Proxies(cfg, self.topology, self.workdir, self.target_port)
         self.clients = Clients(cfg, self.topology, self.workdir,
@@ -344,7 +345,7 @@ class LabCell:
             for _ in range(plan.create):
                 self.create_pod()
 
-    # -- endpoints: kube-proxy's sync loop per node; the rules are `self.rules` ----------------
+    # -- endpoints: kube-proxy's sync loop per node; its rules are `self.kube_proxy` ----------
 
     def endpoints_changed(self, index: int, added: bool) -> None:
         """As the simulator: one version per instant, then per node through kube-proxy's sync
@@ -378,7 +379,7 @@ class LabCell:
             self.apply(consumer, control.NodeSync(0.0, view, view, None))
         if self.l7:  # the Service's endpoints are the proxy pods, for the whole cell
             for node in range(cluster.nodes):
-                self.rules.write(node, self.proxies.endpoints())
+                self.kube_proxy.write(node, self.proxies.endpoints())
 
     def publish(self) -> None:
         assert self.fanout is not None
@@ -406,18 +407,18 @@ class LabCell:
         try:
             if self.l7:
                 self.proxies.sync(self.endpoints(decided.view))
-            elif self.rules.scheduler is not None:
+            elif self.kube_proxy.scheduler is not None:
                 order = control.ipvs_insertion_order(decided.view, decided.new,
                                                      self.rng_ipvs_order[consumer])
-                self.rules.write(consumer, [e for i in order for e in self.endpoints([i])])
+                self.kube_proxy.write(consumer, [e for i in order for e in self.endpoints([i])])
             else:
-                self.rules.write(consumer, self.endpoints(decided.view))
+                self.kube_proxy.write(consumer, self.endpoints(decided.view))
         finally:
             self.sync_durations.append(time.monotonic() - started)
 
     def read_back(self) -> dict[str, Any]:
         """Every node's rules (and the proxies' servers) read back and checked."""
-        checked = self.rules.read_back(self.dataplane_endpoints())
+        checked = self.kube_proxy.read_back(self.dataplane_endpoints())
         return checked | (self.proxies.read_back(self.serving()) if self.l7 else {})
 
     def names_by_ip(self) -> dict[str, str]:
@@ -434,7 +435,7 @@ class LabCell:
             self.record("scrape_failed", None, pods=unanswered, sample=planned)
         by_ip = self.names_by_ip()
         self.sampler.read_connections(planned, by_ip)
-        if self.rules.scheduler is not None:
+        if self.kube_proxy.scheduler is not None:
             self.sampler.read_ipvs(planned, by_ip)
 
     def scrape_cpu(self) -> None:
@@ -492,7 +493,7 @@ class LabCell:
         self.session = vm.Session(taps=taps, netns=self.topology.vm_ns, memory_mib=VM_MEMORY_MIB)
         self.session.start()
         self.topology.attach_taps()
-        self.rules.nodes = nodes = VmNodes(self.session)
+        self.kube_proxy.nodes = nodes = VmNodes(self.session)
         nodes.guest(["sh", "-c", self.topology.guest_script()])
 
     def run(self, progress: Progress) -> CellResult:
@@ -505,7 +506,7 @@ class LabCell:
         setup_started = time.monotonic()
         self.t0 = self.clock()
         self.create_nodes()
-        self.rules.prepare()
+        self.kube_proxy.prepare()
         if self.l7:
             self.proxies.start()
         initial = [self.create_pod(start_now=True) for _ in range(self.replicas)]
@@ -546,7 +547,7 @@ class LabCell:
             Kind.SAMPLE: on_sample,
             Kind.HPA_SYNC: lambda t, _: self.hpa_sync(),
             Kind.METRICS_SCRAPE: lambda t, _: self.scrape_cpu(),
-            Kind.IPVS_GRACEFUL: lambda t, _: self.rules.graceful_pass(),
+            Kind.IPVS_GRACEFUL: lambda t, _: self.kube_proxy.graceful_pass(),
             Kind.START: lambda t, index: self.start_server(self.pods[index]),
             Kind.READY: lambda t, index: self.check_ready(index, t),
             Kind.EXITED: lambda t, index: self.check_exited(index),

@@ -21,8 +21,9 @@ from kpbench.lab.netns import CLUSTER_IP
 from kpbench.lab.nodes import NodePlane
 
 
-class NodeRules:
-    """The Service's rules on each of `node_count` nodes, in mode `mode`."""
+class KubeProxy:
+    """kube-proxy's side of every node's kernel: the Service's rules on each of `node_count`
+    nodes, in mode `mode` (when to write them is the cell's, per node's sync loop)."""
 
     def __init__(self, mode: str, service: rules.Service, nodes: NodePlane,
                  node_count: int) -> None:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kpbench import ipvs
 from kpbench.config import Experiment
-from kpbench.lab.kube_proxy import NodeRules
+from kpbench.lab.kube_proxy import KubeProxy
 from kpbench.lab.netns import CLUSTER_IP
 from kpbench.lab.pods import LabPod
 
@@ -81,9 +81,9 @@ def established_to(text: str, address: str) -> str:
 class Sampler:
     """One cell's sample rows, connections seen per sample, IPVS rows and scrape gaps."""
 
-    def __init__(self, cfg: Experiment, rules: NodeRules) -> None:
+    def __init__(self, cfg: Experiment, kube_proxy: KubeProxy) -> None:
         self.cfg = cfg
-        self.rules = rules
+        self.kube_proxy = kube_proxy
         self.rows: list[dict[str, Any]] = []
         self.flows: dict[tuple[int, str, int, str], list[float]] = {}  # -> [first, last seen]
         self.ipvs_rows: list[dict[str, Any]] = []
@@ -129,21 +129,21 @@ class Sampler:
     def established(self, node: int) -> list[tuple[str, int, str]]:
         """(client ip, client port, pod ip) of the service's established connections on `node`:
         from the IPVS connection table in IPVS modes, else from conntrack."""
-        rules = self.rules
-        if rules.scheduler is not None:
+        kube_proxy, nodes = self.kube_proxy, self.kube_proxy.nodes
+        if kube_proxy.scheduler is not None:
             return [(c.client.rsplit(":", 1)[0], int(c.client.rsplit(":", 1)[1]),
                      c.destination.rsplit(":", 1)[0])
-                    for c in ipvs.parse_ip_vs_conn(rules.ip_vs_text(node, "ip_vs_conn"))
-                    if c.state == "ESTABLISHED" and c.virtual == rules.service_address]
-        if rules.nodes.placement == "vm":  # a file read: no process started in the emulated guest
-            return parse_conntrack(established_to(rules.nodes.read(node, "/proc/net/nf_conntrack"),
+                    for c in ipvs.parse_ip_vs_conn(kube_proxy.ip_vs_text(node, "ip_vs_conn"))
+                    if c.state == "ESTABLISHED" and c.virtual == kube_proxy.service_address]
+        if nodes.placement == "vm":  # a file read: no process started in the emulated guest
+            return parse_conntrack(established_to(nodes.read(node, "/proc/net/nf_conntrack"),
                                                   CLUSTER_IP))
-        return parse_conntrack(rules.nodes.run(node, [
+        return parse_conntrack(nodes.run(node, [
             "conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP, "--state", "ESTABLISHED"]))
 
     def read_connections(self, t: float, by_ip: dict[str, str]) -> None:
         """Every node's established connections at sample `t` (pods named by `by_ip`)."""
-        for node in range(self.rules.node_count):
+        for node in range(self.kube_proxy.node_count):
             for client_ip, port, pod_ip in self.established(node):
                 key = (node, client_ip, port, by_ip.get(pod_ip, pod_ip))
                 seen = self.flows.setdefault(key, [t, t])
@@ -151,9 +151,10 @@ class Sampler:
 
     def read_ipvs(self, t: float, by_ip: dict[str, str]) -> None:
         """Each node's real servers of the service, with weights and counts, for `ipvs.csv`."""
-        for node in range(self.rules.node_count):
-            self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", self.rules.ip_vs_text(node),
-                                                self.rules.service_address, by_ip)
+        kube_proxy = self.kube_proxy
+        for node in range(kube_proxy.node_count):
+            self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", kube_proxy.ip_vs_text(node),
+                                                kube_proxy.service_address, by_ip)
 
     def samples(self) -> pd.DataFrame:
         samples = pd.DataFrame(self.rows)
