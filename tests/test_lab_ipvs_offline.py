@@ -9,6 +9,7 @@ the kernel's format, so a command the lab should not send, or a table it misread
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from kpbench import control
 from kpbench.backends.base import Unsupported
 from kpbench.config import expand_cells, validate
 from kpbench.lab import backend as lab
+from kpbench.lab import netns
 from kpbench.lab.netns import CLUSTER_IP
+from kpbench.lab.pods import LabPod
 
 SERVICE = f"{CLUSTER_IP}:80"
 
@@ -94,7 +97,7 @@ class FakeKernel:
                 assert input_text is not None
                 scheduler = input_text.split(" -s ")[1].split()[0] if " -s " in input_text else ""
                 if scheduler and scheduler not in self.schedulers:
-                    raise lab.netns.LabError(
+                    raise netns.LabError(
                         "ipvsadm --restore: Scheduler or persistence engine not found")
                 node.restore(input_text)
                 return ""
@@ -107,7 +110,7 @@ class FakeKernel:
                 return node.proc_ip_vs_conn()
             if command[:3] == ["ip", "link", "add"]:
                 if not self.dummy_supported:
-                    raise lab.netns.LabError("ip link add kube-ipvs0: Unknown device type.")
+                    raise netns.LabError("ip link add kube-ipvs0: Unknown device type.")
                 node.dummy.append(command[3])
                 return ""
             if command[:3] == ["ip", "addr", "add"]:
@@ -134,12 +137,12 @@ def lab_cell(mode: str, pods: int = 3, nodes: int = 2) -> Iterator[lab.LabCell]:
             pod = control.Pod(index, f"backend-1-{index}", 1, index % 2, 0.0, ready_at=0.0)
             process = subprocess.Popen(["true"])
             process.wait()
-            cell.pods.append(lab.LabPod(pod, f"p{index}",
+            cell.pods.append(LabPod(pod, f"p{index}",
                                         f"198.18.{index % nodes}.{index + 2}", process))
         yield cell
     finally:
-        cell.scraper.shutdown(wait=False)
-        lab.shutil.rmtree(cell.workdir, ignore_errors=True)
+        cell.http.shutdown()
+        shutil.rmtree(cell.workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -156,7 +159,7 @@ def sync_every_node(cell: lab.LabCell) -> None:
 
 def test_setup_sync_and_read_back_program_every_node(kernel: FakeKernel,
                                                      lc_cell: lab.LabCell) -> None:
-    lc_cell.prepare_ipvs()
+    lc_cell.kube_proxy.prepare()
     lc_cell.start_fanout()
     checked = lc_cell.read_back()
     assert checked["verified"] and checked["nodes_checked"] == 2
@@ -171,7 +174,7 @@ def test_setup_sync_and_read_back_program_every_node(kernel: FakeKernel,
 
 def test_a_terminating_pod_is_quiesced_then_deleted_by_the_graceful_pass(
         kernel: FakeKernel, lc_cell: lab.LabCell) -> None:
-    lc_cell.prepare_ipvs()
+    lc_cell.kube_proxy.prepare()
     lc_cell.start_fanout()
     leaving = lc_cell.pods[0]
     address = f"{leaving.ip}:8080"
@@ -184,26 +187,26 @@ def test_a_terminating_pod_is_quiesced_then_deleted_by_the_graceful_pass(
     assert lc_cell.read_back()["verified"]  # weight-1 servers are exactly the serving pods
     tables = [n.servers[SERVICE] for n in kernel.nodes.values() if n.schedulers]
     assert all(t[address][0] == 0 for t in tables)
-    lc_cell.ipvs_graceful_pass()
+    lc_cell.kube_proxy.graceful_pass()
     assert all(address in t for t in tables)  # still holds connections
     for table in tables:
         table[address][1] = 0
-    lc_cell.ipvs_graceful_pass()
+    lc_cell.kube_proxy.graceful_pass()
     assert all(address not in t and len(t) == 2 for t in tables)
 
 
 def test_connections_are_read_from_the_ipvs_connection_table(kernel: FakeKernel,
                                                             lc_cell: lab.LabCell) -> None:
-    lc_cell.prepare_ipvs()
+    lc_cell.kube_proxy.prepare()
     lc_cell.start_fanout()
     node_1 = kernel.nodes[lc_cell.topology.node_ns(0)]
     pod = lc_cell.pods[1]
     node_1.connections = [("198.18.0.200:40000", SERVICE, f"{pod.ip}:8080"),
                           ("198.18.0.200:40001", "198.19.0.99:80", f"{pod.ip}:8080")]
-    lc_cell.read_conntrack(3.0)
-    assert list(lc_cell.flows) == [(0, "198.18.0.200", 40000, pod.pod.name)]
-    lc_cell.sample_ipvs(3.0)
-    rows = [r for r in lc_cell.ipvs_rows if r["node"] == "node-1"]
+    lc_cell.sampler.read_connections(3.0, lc_cell.names_by_ip())
+    assert list(lc_cell.sampler.flows) == [(0, "198.18.0.200", 40000, pod.pod.name)]
+    lc_cell.sampler.read_ipvs(3.0, lc_cell.names_by_ip())
+    rows = [r for r in lc_cell.sampler.ipvs_rows if r["node"] == "node-1"]
     assert {r["pod"] for r in rows} == {p.pod.name for p in lc_cell.pods}
 
 
@@ -211,15 +214,15 @@ def test_a_missing_scheduler_or_dummy_link_makes_the_cell_unsupported(
         kernel: FakeKernel, lc_cell: lab.LabCell) -> None:
     kernel.schedulers = ("rr",)
     with pytest.raises(Unsupported, match="IPVS scheduler lc is not available"):
-        lc_cell.prepare_ipvs()
+        lc_cell.kube_proxy.prepare()
     kernel.dummy_supported = False
     with pytest.raises(Unsupported, match="dummy link type"):
-        lc_cell.prepare_ipvs()
+        lc_cell.kube_proxy.prepare()
 
 
 def test_each_node_adds_its_real_servers_in_its_own_order(kernel: FakeKernel) -> None:
     for cell in lab_cell("ipvs-rr", pods=8, nodes=3):
-        cell.prepare_ipvs()
+        cell.kube_proxy.prepare()
         cell.start_fanout()
         orders = [list(kernel.nodes[cell.topology.node_ns(n)].servers[SERVICE])
                   for n in range(3)]

@@ -55,7 +55,7 @@ def test_a_server_killed_mid_cell_fails_the_cell() -> None:
 
 
 def test_the_locust_master_killed_mid_cell_fails_the_cell() -> None:
-    error = run_with(lambda cell: cell.locust[0].send_signal(signal.SIGKILL))
+    error = run_with(lambda cell: cell.clients.processes[0].send_signal(signal.SIGKILL))
     assert "the Locust master died mid-cell" in error
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kpbench.lab.backend import choose_placement, established_to, parse_conntrack
+from kpbench.lab.backend import choose_placement
 from kpbench.lab.nodes import VmTopology
+from kpbench.lab.sampling import established_to, parse_conntrack
 
 NO_IPVS = "this kernel has no IPVS loaded"
 NO_QEMU = "the kernel VM needs Debian packages that are not installed: apt-get install cpio"

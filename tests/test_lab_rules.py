@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kpbench.lab import l7, rules
-from kpbench.lab.backend import parse_conntrack, parse_metrics
+from kpbench.lab.sampling import parse_conntrack, parse_metrics
 
 SERVICE = rules.Service("ns1", "svc1", "p80", "172.30.0.41", 80)
 

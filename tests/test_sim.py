@@ -267,3 +267,18 @@ def test_pods_and_clients_get_addresses_in_creation_order_per_node() -> None:
         initial = sorted(dotted(a) for a in simulation.pod_address[:4])
         assert initial == sorted(f"198.18.{n}.{h}" for n in (0, 1)
                                  for h in (first_client - 2, first_client - 1))
+
+
+@pytest.mark.parametrize(("connections", "events"), [
+    (10, [{"at": 0, "action": "load", "connections": 30}]),  # runs before the first ramp batch
+    (3000, [{"at": 1, "action": "load", "connections": 5000}]),  # a ramp while one is going on
+])
+def test_ramps_that_overlap_open_every_user_once_and_never_in_the_past(
+        connections: int, events: list[dict[str, Any]]) -> None:
+    result = simulate("iptables", duration_seconds=20, workload__connections=connections,
+                      workload__ramp_seconds=4, events=events)
+    connections_frame = result.connections
+    assert connections_frame["opened_at"].min() >= 0.0
+    assert connections_frame["conn_id"].nunique() == len(connections_frame)
+    assert end_counts(result).sum() == events[0]["connections"]
+    assert connections_frame.groupby("opened_at").size().max() <= connections

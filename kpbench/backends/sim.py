@@ -1,8 +1,9 @@
 """`sim`: a discrete-event model of the data planes, the control plane and the clients.
 
 Nothing here is measured: every number is modelled. Virtual time, one heap of
-`(time, sequence, kind, a, b)` so that equal times resolve in scheduling order, and independent
-random streams per component spawned from the cell's seed, so a seed always gives the same cell.
+`(time, order, kind, a, b)` holding the cell's plan and its dynamic events, ordered at equal
+times by `kpbench.schedule` (the rule every backend follows), and independent random streams per
+component spawned from the cell's seed, so a seed always gives the same cell.
 
 Clients: `workload.connections` users, each holding one connection at a time, spread round-robin
 over `workload.clients` client pods, which are spread round-robin over the nodes. A user opens its
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kpbench import control, dataplane
+from kpbench import control, dataplane, schedule
 from kpbench.addresses import PodAddresses, pod_address
 from kpbench.backends.base import CellResult, Progress
 from kpbench.config import (
@@ -43,13 +44,15 @@ from kpbench.config import (
     Cell,
     Experiment,
 )
+from kpbench.schedule import Kind
 
 SHUTDOWN_SECONDS = 1.0  # SIGTERM -> connections closed -> process exits (within the grace period)
 EPHEMERAL_PORTS = (32768, 60999)
 
-# event kinds
-(OPEN, CLOSE, SYNC, READY, DELETED, SAMPLE, TIMELINE, HPA, TICK, RAMP, RECONCILE, PUBLISH,
- UPDATE, APPLY, SCRAPE) = range(15)
+# The dynamic event kinds of kpbench.schedule, as plain ints for the hot loop's heap tuples.
+(OPEN, CLOSE, SYNC, READY, DELETED, RAMP, RECONCILE, PUBLISH, UPDATE, APPLY) = (
+    int(kind) for kind in (Kind.OPEN, Kind.CLOSE, Kind.SYNC, Kind.READY, Kind.DELETED,
+                           Kind.RAMP, Kind.RECONCILE, Kind.PUBLISH, Kind.UPDATE, Kind.APPLY))
 RAMP_BATCH = 2048
 
 _REASON = {name: code for code, name in enumerate(CLOSE_REASONS)}
@@ -132,8 +135,10 @@ class Simulation:
         self.surge, self.unavailable = cfg.backend.rollout.resolve(cfg.backend.replicas)
         self.replicas = cfg.backend.replicas
         self.revision = 1
+        # (t, order, kind, a, b): `order` is kpbench.schedule's tie-break at equal times; dynamic
+        # events count it up from the schedule's first dynamic order.
         self.heap: list[tuple[float, int, int, int, int]] = []
-        self.seq = 0
+        self.seq = schedule.FIRST_DYNAMIC_ORDER
         self.now = 0.0
         # pods
         self.pods: list[control.Pod] = []
@@ -165,6 +170,7 @@ class Simulation:
         self.user_clock: list[float] = []
         self.user_conn: list[int] = []
         self.wanted_users = 0
+        self.ramps: list[tuple[int, int, float, float]] = []  # (first user, count, began, over)
         self.next_conn_id = 0
         # outputs
         self.event_rows: list[tuple[float, str, str, str]] = []
@@ -391,17 +397,17 @@ class Simulation:
             self.user_clock.append(0.0)
             self.user_conn.append(-1)
         self.wanted_users = len(self.user_node)
-        self.ramp = (first, count, self.now, over_seconds)
-        self.at(self.now, RAMP, first)
+        self.ramps.append((first, count, self.now, over_seconds))
+        self.at(self.now, RAMP, first, len(self.ramps) - 1)
 
-    def ramp_batch(self, start: int) -> None:
-        first, count, began, over = self.ramp
+    def ramp_batch(self, start: int, ramp: int) -> None:
+        first, count, began, over = self.ramps[ramp]
         stop = min(first + count, start + RAMP_BATCH)
         for user in range(start, stop):
             offset = over * (user - first) / count if count else 0.0
             self.at(began + offset, OPEN, user, self.user_gen[user])
         if stop < first + count:
-            self.at(began + over * (stop - first) / count, RAMP, stop)
+            self.at(began + over * (stop - first) / count, RAMP, stop, ramp)
 
     def open_connection(self, user: int, gen: int) -> None:
         # The hot path of every run: attribute lookups are hoisted on purpose.
@@ -582,6 +588,11 @@ class Simulation:
                for i, r in zip(idx, requests, strict=True)}
         self.metrics_server.scrape(now, (pods[i] for i in cpu), lambda pod: cpu[pod.index])
 
+    def ipvs_graceful_pass(self) -> None:
+        """kube-proxy's graceful-termination pass on every node (kpbench.dataplane)."""
+        for selector in self.selectors:
+            selector.tick(self.now)
+
     def cpu_per_request(self) -> float:
         """Millicore-seconds per request: the work burned on purpose and the server's own."""
         backend = self.cfg.backend
@@ -639,55 +650,33 @@ class Simulation:
                                map(cfg.client_node, range(cfg.workload.clients))]
         self.reconcile_pending = False
         self.heap = [e for e in self.heap if e[2] != RECONCILE]
-        heapq.heapify(self.heap)
         self.start_fanout()
         self.add_users(cfg.workload.connections, cfg.workload.ramp_seconds)
-        for index, event in enumerate(cfg.events):
-            self.at(event.at, TIMELINE, index)
-        samples = math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9)
-        for k in range(samples + 1):
-            self.at(k * cfg.sample_seconds, SAMPLE, k)
-        if self.autoscaler is not None:
-            hpa = cfg.backend.hpa
-            assert hpa is not None
-            t = hpa.sync_seconds
-            while t <= cfg.duration_seconds:
-                self.at(t, HPA)
-                t += hpa.sync_seconds
-            t = control.stream(self.cell.seed, control.STREAM_METRICS).uniform(
-                0.0, hpa.metric_resolution_seconds)
-            while t <= cfg.duration_seconds:
-                self.at(t, SCRAPE)
-                t += hpa.metric_resolution_seconds
-        t = dataplane.IPVS_GRACEFUL_CHECK_SECONDS
-        while self.cell.mode.startswith("ipvs-") and t <= cfg.duration_seconds:
-            self.at(t, TICK)
-            t += dataplane.IPVS_GRACEFUL_CHECK_SECONDS
+        self.heap += self.planned_events()
+        heapq.heapify(self.heap)
+
         def on_sample(a: int, b: int) -> None:
             self.sample()
             progress(self.now)
 
-        def on_tick(a: int, b: int) -> None:
-            for selector in self.selectors:
-                selector.tick(self.now)
-
-        handlers: list[Callable[[int, int], None]] = [
-            self.open_connection,
-            self.scheduled_close,
-            lambda a, b: self.sync(a),
-            lambda a, b: self.pod_ready(a),
-            lambda a, b: self.pod_deleted(a),
-            on_sample,
-            lambda a, b: self.timeline(a),
-            lambda a, b: self.hpa_sync(),
-            on_tick,
-            lambda a, b: self.ramp_batch(a),
-            lambda a, b: self.reconcile(),
-            lambda a, b: self.publish(),
-            lambda a, b: self.update(a),
-            lambda a, b: self.apply(a, self.applying.pop(a)),
-            lambda a, b: self.scrape_metrics(),
-        ]
+        by_kind: dict[Kind, Callable[[int, int], None]] = {
+            Kind.TIMELINE: lambda a, b: self.timeline(a),
+            Kind.SAMPLE: on_sample,
+            Kind.HPA_SYNC: lambda a, b: self.hpa_sync(),
+            Kind.METRICS_SCRAPE: lambda a, b: self.scrape_metrics(),
+            Kind.IPVS_GRACEFUL: lambda a, b: self.ipvs_graceful_pass(),
+            Kind.OPEN: self.open_connection,
+            Kind.CLOSE: self.scheduled_close,
+            Kind.RAMP: self.ramp_batch,
+            Kind.READY: lambda a, b: self.pod_ready(a),
+            Kind.DELETED: lambda a, b: self.pod_deleted(a),
+            Kind.RECONCILE: lambda a, b: self.reconcile(),
+            Kind.PUBLISH: lambda a, b: self.publish(),
+            Kind.UPDATE: lambda a, b: self.update(a),
+            Kind.SYNC: lambda a, b: self.sync(a),
+            Kind.APPLY: lambda a, b: self.apply(a, self.applying.pop(a)),
+        }
+        handlers = [by_kind.get(kind, self.no_handler) for kind in Kind]
         heap, end = self.heap, cfg.duration_seconds
         pop = heapq.heappop
         while heap and heap[0][0] <= end:
@@ -699,6 +688,15 @@ class Simulation:
             if self.user_pod[user] != -1:
                 self.close_connection(user, "end")
         return self.result()
+
+    def planned_events(self) -> list[tuple[float, int, int, int, int]]:
+        """The cell's plan (kpbench.schedule) as heap entries."""
+        return [(p.t, p.order, int(p.kind), p.arg, 0)
+                for p in schedule.plan(self.cfg, self.cell.seed, self.cell.mode)]
+
+    @staticmethod
+    def no_handler(a: int, b: int) -> None:
+        raise AssertionError("the simulator scheduled an event kind it does not handle")
 
     def result(self) -> CellResult:
         names = np.array([p.name for p in self.pods], dtype=object)

@@ -16,11 +16,12 @@ Per cell, in its own namespace:
    each sample's pod listing is a backstop so no transition is missed);
 4. apply Locust (master + one worker per client pod) and wait for the first connection to reach
    a pod: the cell's clock starts there (t = 0), as in the lab and the simulator;
-5. run the timeline in real time: `rollout` patches the pod template's
-   `kubectl.kubernetes.io/restartedAt` annotation (what `kubectl rollout restart` does),
-   `scale` writes the `scale` subresource, `load` is only recorded (Locust follows the
-   experiment's `load` schedule itself: `kpbench.workload.plan`), `kill-pod` deletes ready pods
-   with grace period 0. Every `sample_seconds`:
+5. run the timeline and the samples in real time, in `kpbench.schedule`'s order (a timeline
+   event before the sample at its instant, as in the lab and the simulator): `rollout` patches
+   the pod template's `kubectl.kubernetes.io/restartedAt` annotation (what `kubectl rollout
+   restart` does), `scale` writes the `scale` subresource, `load` is only recorded (Locust
+   follows the experiment's `load` schedule itself: `kpbench.workload.plan`), `kill-pod`
+   deletes ready pods with grace period 0. Every `sample_seconds`:
    each backend pod's `/metrics` through the API server's pod proxy (admin port, which stays open
    while a pod terminates), CPU from metrics-server, HPA status, and for IPVS modes each node's
    `/proc/net/ip_vs` (active / inactive connections per real server) beside the pods' counts;
@@ -35,9 +36,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import heapq
 import json
-import math
 import queue
 import random
 import threading
@@ -50,13 +49,14 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from kpbench import haproxy, ipvs
+from kpbench import haproxy, ipvs, schedule
 from kpbench.backends.base import CellResult, Progress
 from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell
 from kpbench.kube import manifests
 from kpbench.kube.api import KubeApi, KubeError, pod_cpu_millicores
 from kpbench.kube.verify import check_node
-from kpbench.lab.backend import parse_metrics
+from kpbench.lab.sampling import CONNECTION_COLUMNS, parse_metrics
+from kpbench.schedule import Kind
 
 SETUP_TIMEOUT_SECONDS = 600.0
 FIRST_CONNECTION_TIMEOUT_SECONDS = 180.0
@@ -66,8 +66,6 @@ POLL_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 30
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 SLICE_SELECTOR = "kubernetes.io/service-name=backend"
-CONNECTION_COLUMNS = ["conn_id", "client", "node", "pod", "opened_at", "closed_at",
-                      "close_reason", "requests"]
 STOP_LOCUST = ["python", "-c", "import os, signal; os.kill(1, signal.SIGTERM)"]
 LIST_RESULTS = ["sh", "-c", "cd /results && for f in *; do [ -f \"$f\" ] || continue; "
                 "printf '%s\\n' \"$f\"; base64 \"$f\" | tr -d '\\n'; echo; done"]
@@ -535,7 +533,6 @@ class KubeCell:
             self.teardown()
 
     def _run(self, progress: Progress) -> CellResult:
-        cfg = self.cfg
         setup_started = self.clock()
         self.deploy_backend()
         dataplane = self.verify_dataplane()
@@ -550,29 +547,28 @@ class KubeCell:
             state.created_at = 0.0  # created and ready before the cell's clock starts
             if state.ready:
                 self.record("pod_ready", state.name, at=0.0, node=state.node)
-        heap: list[tuple[float, int, str, int]] = []
-        for index, event in enumerate(cfg.events):
-            heapq.heappush(heap, (event.at, 1, "timeline", index))
-        samples = math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9)
-        for k in range(samples + 1):
-            heapq.heappush(heap, (k * cfg.sample_seconds, 0, "sample", k))
-        while heap:
-            t, _, action, argument = heap[0]
-            wait = t - self.now()
-            if wait > 0:
-                self.drain_watch()
-                self.sleep(min(wait, 0.25))
-                continue
-            heapq.heappop(heap)
-            if action == "sample":
-                self.sample(t)
-                progress(t)
-            else:
-                self.drain_watch()
-                self.timeline(argument)
+        self.run_schedule(progress)
         files = self.stop_locust()
         self.drain_watch()
         return self.result(dataplane, files)
+
+    def run_schedule(self, progress: Progress) -> None:
+        """The timeline and the samples in real time (kpbench.schedule; the cluster runs its own
+        controllers), reading the watches while waiting and before each timeline event."""
+        events = schedule.EventQueue(schedule.plan(self.cfg, self.cell.seed, self.cell.mode,
+                                                  modelled_control=False))
+
+        def on_timeline(t: float, index: int) -> None:
+            self.drain_watch()
+            self.timeline(index)
+
+        def on_sample(t: float, k: int) -> None:
+            self.sample(t)
+            progress(t)
+
+        loop = schedule.RealTimeLoop(events, self.now, self.sleep, max_sleep=0.25,
+                                     waiting=self.drain_watch)
+        loop.run({Kind.TIMELINE: on_timeline, Kind.SAMPLE: on_sample}, self.cfg.duration_seconds)
 
     def result(self, dataplane: dict[str, Any], files: dict[str, bytes]) -> CellResult:
         samples = pd.DataFrame(self.sample_rows, columns=[

@@ -10,61 +10,46 @@ time, fed with each server process's measured CPU.
 
 Per cell: build the topology, start the initial pods and wait until they are ready (they count as
 ready at t = 0), write the rules, start Locust (a master in the control namespace, one worker per
-client pod), then run the timeline in real time. Every `sample_seconds` each backend pod's
-`/metrics` is scraped (from a thread inside the control namespace) and each node's conntrack
-table is read for the service's established connections (for IPVS modes `/proc/net/ip_vs_conn`),
-which gives `connections.parquet` at sample resolution (`close_reason` is unknown to the kernel
-and left empty, except `end`).
+client pod), then run the cell's schedule (`kpbench.schedule`) in real time.
 
-With `workload.proxy: l7` the Service's endpoints are L7 proxy pods running HAProxy
-(`kpbench.lab.l7`), which send every request to one of the ready backend pods.
-
-IPVS modes follow `kpbench.ipvs`: per node the ClusterIP on the dummy device `kube-ipvs0`, one
-virtual server with the mode's scheduler, real servers added, quiesced and deleted as kube-proxy's
-graceful termination does. kube-proxy's IPVS-mode iptables/ipset rules (hairpin masquerade,
-ClusterIP filtering) are not written: no lab client is a backend pod, so no packet would match.
+`LabCell` is the composition and the control plane's handlers; each concern has its module:
+`kpbench.lab.pods` (server processes), `kpbench.lab.clients` (Locust), `kpbench.lab.sampling`
+(samples and connections), `kpbench.lab.kube_proxy` (the Service's rules on every node, IPVS
+included), `kpbench.lab.proxies` (the HAProxy pods of `workload.proxy: l7`),
+`kpbench.lab.nodes` (where the nodes' kernel runs) and `kpbench.lab.netns` (the namespaces).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
-import math
 import os
 import random
 import shutil
-import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from kpbench import control, ipvs, vm
+from kpbench import control, schedule, vm
 from kpbench.backends.base import CellResult, PreflightError, Progress, Unsupported
-from kpbench.config import L7_PROXY_REPLICAS, ROOT_SEED, Cell, Experiment, expand_cells
-from kpbench.dataplane import IPVS_GRACEFUL_CHECK_SECONDS
-from kpbench.lab import l7, netns, rules
-from kpbench.lab.netns import CLUSTER_IP, CONTROL_IP, Topology
-from kpbench.lab.nodes import HostNodes, NodePlane, VmNodes, VmTopology
+from kpbench.config import ROOT_SEED, Cell, Experiment, expand_cells
+from kpbench.lab import netns, rules
+from kpbench.lab.clients import Clients
+from kpbench.lab.kube_proxy import KubeProxy
+from kpbench.lab.netns import CLUSTER_IP, InsideGets, Topology
+from kpbench.lab.nodes import HostNodes, VmNodes, VmTopology
+from kpbench.lab.pods import GRPC_PORT, HTTP_PORT, STARTUP_TIMEOUT_SECONDS, LabPod, Servers
+from kpbench.lab.proxies import Proxies
+from kpbench.lab.sampling import Sampler, process_cpu_seconds
+from kpbench.schedule import Kind
 
-HTTP_PORT, GRPC_PORT, ADMIN_PORT, SERVICE_HTTP_PORT = 8080, 9090, 9102, 80
-LOCUST_MASTER_PORT = 5557
-LOCUST_RUN_TIME_MARGIN_SECONDS = 600  # Locust is stopped by SIGTERM when the cell ends
+SERVICE_HTTP_PORT = 80
 READY_POLL_SECONDS = 0.2
-STARTUP_TIMEOUT_SECONDS = 60.0
-L7_SLOTS = 256  # backend pods an L7 proxy can hold at once
 VM_MEMORY_MIB = 512  # the guest runs only the nodes' kernel and a small agent
 # What the nodes in a TCG guest carried here with under 1% failed connects (`nox -s bench --
 # --only vm-lab`, 2 cores); KVM has no such limit.
@@ -202,151 +187,74 @@ class LabBackend:
         return None
 
 
-@dataclass
-class LabPod:
-    pod: control.Pod
-    namespace: str
-    ip: str
-    process: subprocess.Popen[bytes] | None = None  # started `startup_seconds` after creation
-    probe_phase: float = 0.0
-    cpu: tuple[float, float] | None = None  # (t, process CPU seconds) at the last scrape
-    cpu_millicores: float | None = None
-    exited: bool = False
-
-
-@dataclass
-class LabProxy:
-    name: str
-    ip: str
-    runtime_socket: Path
-    process: subprocess.Popen[bytes]
-    log: Any  # the open log file, closed at teardown
-
-
-@dataclass
-class Scrape:
-    active: int = 0
-    connections: int = 0
-    requests: int = 0
-    cpu_seconds: float | None = None
-
-
-def parse_metrics(text: str) -> Scrape:
-    scrape = Scrape()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "kpbench_active_connections":
-                scrape.active += int(sample.value)
-            elif sample.name == "kpbench_connections_total":
-                scrape.connections += int(sample.value)
-            elif sample.name == "kpbench_requests_total":
-                scrape.requests += int(sample.value)
-            elif sample.name == "process_cpu_seconds_total":
-                scrape.cpu_seconds = float(sample.value)
-    return scrape
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (what its container's cgroup accounts), 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def parse_conntrack(text: str) -> list[tuple[str, int, str]]:
-    """(client ip, client port, pod ip) of each established connection to the ClusterIP."""
-    flows = []
-    for line in text.splitlines():
-        sources = [p[4:] for p in line.split() if p.startswith("src=")]
-        ports = [p[6:] for p in line.split() if p.startswith("sport=")]
-        if len(sources) >= 2 and ports:
-            flows.append((sources[0], int(ports[0]), sources[1]))
-    return flows
-
-
-def established_to(text: str, address: str) -> str:
-    """The lines of `/proc/net/nf_conntrack` for established TCP connections to `address`
-    (what `conntrack -L -p tcp --orig-dst ADDRESS --state ESTABLISHED` prints)."""
-    return "\n".join(
-        line for line in text.splitlines()
-        if " tcp " in f" {line} " and " ESTABLISHED " in line
-        and next((p[4:] for p in line.split() if p.startswith("dst=")), None) == address)
-
-
 class LabCell:
-    """One cell in real time."""
+    """One cell in real time: the composition of its parts and the control plane's handlers."""
 
-    def __init__(self, cell: Cell, placement: str = "host") -> None:
+    def __init__(self, cell: Cell, placement: str = "host",
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.cell = cell
-        self.cfg = cell.config
+        self.cfg = cfg = cell.config
+        self.clock = clock  # the cell's clock and the loop's sleep (injected in tests)
+        self.sleep = sleep
         self.kernel_placement = placement
         self.session: vm.Session | None = None
         streams = np.random.SeedSequence([ROOT_SEED, cell.seed]).spawn(2)
         self.rng_control = random.Random(int(streams[1].generate_state(1)[0]))
         self.rng_kubelet = control.stream(cell.seed, control.STREAM_KUBELET)
         self.rng_ipvs_order = [control.stream(cell.seed, control.STREAM_IPVS_ORDER, node)
-                               for node in range(self.cfg.cluster.nodes)]
+                               for node in range(cfg.cluster.nodes)]
         self.fanout: control.EndpointFanout | None = None
-        backend = self.cfg.backend
+        backend = cfg.backend
         self.placement = control.Placement(
-            self.cfg.cluster.nodes,
+            cfg.cluster.nodes,
             control.NodeResources(backend.cpu_request_millicores, control.MEMORY_REQUEST_MIB),
-            control.NodeResources(self.cfg.cluster.node_cpu_millicores,
-                                  self.cfg.cluster.node_memory_mib),
+            control.NodeResources(cfg.cluster.node_cpu_millicores, cfg.cluster.node_memory_mib),
         )
-        self.topology = (VmTopology if placement == "vm" else Topology)(self.cfg.cluster.nodes)
-        self.nodes: NodePlane = HostNodes(self.topology)
-        self.service = rules.Service(
-            "kpbench", "backend", self.cfg.workload.protocol, CLUSTER_IP,
-            SERVICE_HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT,
-        )
-        self.target_port = HTTP_PORT if self.cfg.workload.protocol == "http" else GRPC_PORT
-        self.service_address = f"{CLUSTER_IP}:{self.service.port}"
-        self.scheduler = ipvs.scheduler_of(cell.mode) if cell.mode.startswith("ipvs-") else None
-        self.ipvs_rows: list[dict[str, Any]] = []
-        self.proxies: list[LabProxy] = []
-        self.proxy_slots = l7.Slots(L7_SLOTS)
-        self.surge, self.unavailable = self.cfg.backend.rollout.resolve(self.cfg.backend.replicas)
-        self.replicas = self.cfg.backend.replicas
+        self.surge, self.unavailable = backend.rollout.resolve(backend.replicas)
+        self.replicas = backend.replicas
         self.revision = 1
         self.pods: list[LabPod] = []
-        self.heap: list[tuple[float, int, str, int]] = []
-        self.seq = 0
+        self.queue = schedule.EventQueue()
         self.t0 = 0.0
         self.event_rows: list[tuple[float, str, str, str]] = []
-        self.sample_rows: list[dict[str, Any]] = []
-        self.flows: dict[tuple[int, str, int, str], list[float]] = {}
         self.reconcile_pending = False
-        self.sample_lateness: list[float] = []
         self.sync_durations: list[float] = []  # writing every node's rules, per endpoint sync
-        self.unanswered: dict[str, float] = {}  # pod -> first sample its /metrics missed
-        self.workdir = netns.make_workdir(self.topology.tag)
-        self.locust: list[subprocess.Popen[bytes]] = []
-        self.clients: list[tuple[str, str, int]] = []
-        hpa = self.cfg.backend.hpa
+        self.setup_seconds = self.teardown_seconds = 0.0
+        hpa = backend.hpa
         self.autoscaler = control.autoscaler(hpa) if hpa else None
         self.metrics_server = control.MetricsServer(hpa.metric_resolution_seconds) if hpa else None
-        self.scraper = ThreadPoolExecutor(
-            max_workers=16, initializer=netns.enter_permanently,
-            initargs=(self.topology.control_ns,),
-        )
+        # the parts
+        http = cfg.workload.protocol == "http"
+        self.target_port = HTTP_PORT if http else GRPC_PORT
+        self.topology = (VmTopology if placement == "vm" else Topology)(cfg.cluster.nodes)
+        self.workdir = netns.make_workdir(self.topology.tag)
+        self.http = InsideGets(self.topology.control_ns)
+        self.servers = Servers(cfg, self.topology, self.workdir, self.http)
+        service = rules.Service("kpbench", "backend", cfg.workload.protocol, CLUSTER_IP,
+                                SERVICE_HTTP_PORT if http else GRPC_PORT)
+        self.kube_proxy = KubeProxy(cell.mode, service, HostNodes(self.topology),
+                                    cfg.cluster.nodes)
+        self.sampler = Sampler(cfg, self.kube_proxy)
+        self.l7 = cfg.workload.proxy == "l7"
+        self.proxies = Proxies(cfg, self.topology, self.workdir, self.target_port)
+        self.clients = Clients(cfg, self.topology, self.workdir,
+                               f"http://{CLUSTER_IP}:{SERVICE_HTTP_PORT}" if http
+                               else f"{CLUSTER_IP}:{GRPC_PORT}")
 
     # -- clock and queue -----------------------------------------------------------------------
 
     def now(self) -> float:
-        return time.monotonic() - self.t0
+        return self.clock() - self.t0
 
-    def at(self, t: float, action: str, arg: int = 0) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, action, arg))
+    def at(self, t: float, kind: Kind, arg: int = 0) -> None:
+        self.queue.at(t, kind, arg)
 
     def record(self, event: str, pod: LabPod | None = None, **detail: Any) -> None:
         self.event_rows.append((round(self.now(), 3), event, pod.pod.name if pod else "",
                                 json.dumps(detail, sort_keys=True) if detail else ""))
 
-    # -- pods ----------------------------------------------------------------------------------
+    # -- pods: the control plane's decisions; the processes are `self.servers` -----------------
 
     def create_pod(self, start_now: bool = False) -> LabPod:
         """A pod on the scheduler's node; its server starts `startup_seconds` later (the
@@ -365,59 +273,27 @@ class LabCell:
         if start_now:
             self.start_server(lab_pod)
         else:
-            self.at(pod.created_at + self.cfg.backend.startup_seconds, "start", index)
+            self.at(pod.created_at + self.cfg.backend.startup_seconds, Kind.START, index)
         return lab_pod
 
     def start_server(self, lab_pod: LabPod) -> None:
         """The container starts: the server process, probed every readiness period from then."""
-        pod, backend = lab_pod.pod, self.cfg.backend
-        if not pod.live:
+        if not lab_pod.pod.live:
             return
-        name, node, ip, namespace = pod.name, pod.node, lab_pod.ip, lab_pod.namespace
-        command = [
-            sys.executable, "-m", "kpbench.server", "--pod-name", name,
-            "--node-name", f"node-{node + 1}", "--host", ip, "--port", str(HTTP_PORT),
-            "--grpc-port", str(GRPC_PORT) if self.cfg.workload.protocol == "grpc" else "0",
-            "--admin-port", str(ADMIN_PORT),
-            "--cpu-per-request-millicores", str(backend.cpu_per_request_millicores),
-            "--shutdown-drain-seconds", str(min(1.0, backend.termination_grace_seconds)),
-        ]
-        if backend.max_connection_age_seconds is not None:
-            command += ["--max-connection-age-seconds", str(backend.max_connection_age_seconds)]
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-        lab_pod.process = subprocess.Popen(netns.ns_exec(namespace, command), stdout=log,
-                                           stderr=subprocess.STDOUT)
-        pod.started_at = self.now()
-        self.at(pod.started_at + lab_pod.probe_phase, "ready", pod.index)
-
-    def log_tail(self, pod: LabPod) -> str:
-        path = self.workdir / f"{pod.pod.name}.log"
-        return path.read_text(errors="replace")[-300:] if path.exists() else ""
-
-    def readyz(self, pod: LabPod) -> bool:
-        return self.fetch(f"http://{pod.ip}:{ADMIN_PORT}/readyz") is not None
-
-    def fetch(self, url: str) -> str | None:
-        """GET from inside the lab (a pool thread in the control namespace); None on failure."""
-        return self.scraper.submit(self._get, url).result()
-
-    def scrape_all(self, pods: list[LabPod]) -> list[str | None]:
-        """Every pod's /metrics, concurrently, from inside the lab."""
-        urls = [f"http://{p.ip}:{ADMIN_PORT}/metrics" for p in pods]
-        return list(self.scraper.map(self._get, urls))
+        self.servers.start(lab_pod)
+        lab_pod.pod.started_at = self.now()
+        self.at(lab_pod.pod.started_at + lab_pod.probe_phase, Kind.READY, lab_pod.pod.index)
 
     def check_ready(self, index: int, planned: float) -> None:
         """The kubelet's readiness probe, every `readiness_period_seconds` from the pod's phase."""
         pod = self.pods[index]
         if not pod.pod.live or pod.process is None:
             return
-        if pod.process.poll() is not None:
-            raise RuntimeError(f"{pod.pod.name} exited with {pod.process.returncode} at start: "
-                               f"{self.log_tail(pod)}")
+        self.servers.check_started(pod)
         if self.now() - pod.pod.created_at > STARTUP_TIMEOUT_SECONDS:
             raise RuntimeError(f"{pod.pod.name} not ready after {STARTUP_TIMEOUT_SECONDS:g} s")
-        if not self.readyz(pod):
-            self.at(planned + self.cfg.backend.readiness_period_seconds, "ready", index)
+        if not self.servers.readyz(pod):
+            self.at(planned + self.cfg.backend.readiness_period_seconds, Kind.READY, index)
             return
         pod.pod.ready_at = self.now()
         self.record("pod_ready", pod)
@@ -430,33 +306,32 @@ class LabCell:
             self.reconcile_pending = True
             self.at(self.now() + control.controller_delay(self.rng_control,
                                                           self.cfg.cluster.propagation),
-                    "reconcile")
+                    Kind.RECONCILE)
 
     def terminate(self, pod: LabPod, killed: bool = False) -> None:
         was_ready = pod.pod.ready
         pod.pod.terminating_at = self.now()
         self.placement.terminating(pod.pod)
-        if pod.process is not None:
-            pod.process.send_signal(signal.SIGKILL if killed else signal.SIGTERM)
+        self.servers.stop(pod, killed)
         self.record("pod_killed" if killed else "pod_terminating", pod)
-        self.at(self.now() + READY_POLL_SECONDS, "exited", pod.pod.index)
+        self.at(self.now() + READY_POLL_SECONDS, Kind.EXITED, pod.pod.index)
         if was_ready:
             self.endpoints_changed(pod.pod.index, added=False)
 
     def check_exited(self, index: int) -> None:
+        """A terminating pod is deleted once its process exited (killed after the grace)."""
         pod = self.pods[index]
         assert pod.pod.terminating_at is not None
-        if pod.process is not None and pod.process.poll() is None:
-            grace = self.cfg.backend.termination_grace_seconds
-            if self.now() - pod.pod.terminating_at > grace:
-                pod.process.kill()
-            self.at(self.now() + READY_POLL_SECONDS, "exited", index)
+        if pod.running:
+            if self.now() - pod.pod.terminating_at > self.cfg.backend.termination_grace_seconds:
+                self.servers.stop(pod, killed=True)
+            self.at(self.now() + READY_POLL_SECONDS, Kind.EXITED, index)
             return
         pod.exited = True
         pod.pod.deleted_at = self.now()
         self.placement.deleted(pod.pod)
         self.record("pod_deleted", pod)
-        self.topology.remove_namespace(pod.namespace)
+        self.servers.remove(pod)
 
     def reconcile(self) -> None:
         self.reconcile_pending = False
@@ -470,13 +345,13 @@ class LabCell:
             for _ in range(plan.create):
                 self.create_pod()
 
-    # -- data plane ----------------------------------------------------------------------------
+    # -- endpoints: kube-proxy's sync loop per node; its rules are `self.kube_proxy` ----------
 
     def endpoints_changed(self, index: int, added: bool) -> None:
         """As the simulator: one version per instant, then per node through kube-proxy's sync
         loop (kpbench.control.EndpointFanout)."""
         if self.fanout is not None and self.fanout.change(index, added):
-            self.at(self.now(), "publish")
+            self.at(self.now(), Kind.PUBLISH)
 
     def endpoints(self, pods: Iterable[int]) -> list[rules.Endpoint]:
         return sorted((rules.Endpoint(self.pods[i].ip, self.target_port) for i in pods),
@@ -485,12 +360,16 @@ class LabCell:
     def serving(self) -> list[rules.Endpoint]:
         return self.endpoints(p.pod.index for p in self.pods if p.pod.ready)
 
+    def dataplane_endpoints(self) -> list[rules.Endpoint]:
+        """What the Service's rules balance over: the backend pods, or the L7 proxy pods."""
+        return self.proxies.endpoints() if self.l7 else self.serving()
+
     def start_fanout(self) -> None:
         """Every node's rules (or the proxies' servers) hold the ready pods; then the fanout."""
         cluster = self.cfg.cluster
         ready = [p.pod.index for p in self.pods if p.pod.ready]
         self.fanout = control.EndpointFanout(
-            1 if self.proxies else cluster.nodes, ready,
+            1 if self.l7 else cluster.nodes, ready,
             control.min_sync_seconds(self.cell.mode, cluster.kube_proxy.min_sync_seconds),
             control.generator(self.cell.seed, control.STREAM_KUBE_PROXY), cluster.propagation,
             lambda endpoints: 0.0,  # a lab sync takes its real time
@@ -498,20 +377,20 @@ class LabCell:
         view = frozenset(ready)
         for consumer in range(self.fanout.consumers):
             self.apply(consumer, control.NodeSync(0.0, view, view, None))
-        if self.proxies:  # the Service's endpoints are the proxy pods, for the whole cell
+        if self.l7:  # the Service's endpoints are the proxy pods, for the whole cell
             for node in range(cluster.nodes):
-                self.write_rules(node, self.dataplane_endpoints())
+                self.kube_proxy.write(node, self.proxies.endpoints())
 
     def publish(self) -> None:
         assert self.fanout is not None
         for consumer, t in self.fanout.publish(self.now()):
-            self.at(t, "update", consumer)
+            self.at(t, Kind.UPDATE, consumer)
 
     def update(self, consumer: int) -> None:
         assert self.fanout is not None
         start = self.fanout.update(consumer, self.now())
         if start is not None:
-            self.at(start, "sync", consumer)
+            self.at(start, Kind.SYNC, consumer)
 
     def sync(self, consumer: int) -> None:
         assert self.fanout is not None
@@ -519,360 +398,45 @@ class LabCell:
         self.apply(consumer, decided)
         self.fanout.runners[consumer].run(self.now())  # completed after its real duration
         if decided.next_update is not None:
-            self.at(decided.next_update, "update", consumer)
+            self.at(decided.next_update, Kind.UPDATE, consumer)
 
     def apply(self, consumer: int, decided: control.NodeSync) -> None:
-        """Write one node's rules for `decided.view` (or, behind the L7 proxies, their servers)."""
+        """Write one node's rules for `decided.view` (or, behind the L7 proxies, their servers);
+        IPVS adds the sync's new endpoints in that node's own order."""
         started = time.monotonic()
         try:
-            self._apply(consumer, decided)
+            if self.l7:
+                self.proxies.sync(self.endpoints(decided.view))
+            elif self.kube_proxy.scheduler is not None:
+                order = control.ipvs_insertion_order(decided.view, decided.new,
+                                                     self.rng_ipvs_order[consumer])
+                self.kube_proxy.write(consumer, [e for i in order for e in self.endpoints([i])])
+            else:
+                self.kube_proxy.write(consumer, self.endpoints(decided.view))
         finally:
             self.sync_durations.append(time.monotonic() - started)
 
-    def _apply(self, consumer: int, decided: control.NodeSync) -> None:
-        if self.proxies:
-            self.sync_proxies(self.endpoints(decided.view))
-            return
-        if self.scheduler is not None:
-            order = control.ipvs_insertion_order(decided.view, decided.new,
-                                                 self.rng_ipvs_order[consumer])
-            self.write_rules(consumer, [e for i in order for e in self.endpoints([i])])
-        else:
-            self.write_rules(consumer, self.endpoints(decided.view))
-
-    def write_rules(self, node: int, endpoints: list[rules.Endpoint]) -> None:
-        """The node's rules for `endpoints`; IPVS adds the new ones in the list's order."""
-        if self.scheduler is not None:
-            current = self.ipvs_service(node)
-            self.ipvsadm(node, ipvs.sync_commands(
-                self.service_address, current.real_servers if current else [],
-                [str(e) for e in endpoints]))
-        elif self.cell.mode == "iptables":
-            self.nodes.run(node, ["iptables-restore"],
-                           rules.iptables_restore(self.service, endpoints))
-        else:
-            self.nodes.run(node, ["nft", "-f", "-"], rules.nft_ruleset(self.service, endpoints))
-
-    def dataplane_endpoints(self) -> list[rules.Endpoint]:
-        """What the Service's rules balance over: the backend pods, or the L7 proxy pods."""
-        if self.proxies:
-            return [rules.Endpoint(proxy.ip, self.target_port) for proxy in self.proxies]
-        return self.serving()
+    def read_back(self) -> dict[str, Any]:
+        """Every node's rules (and the proxies' servers) read back and checked."""
+        checked = self.kube_proxy.read_back(self.dataplane_endpoints())
+        return checked | (self.proxies.read_back(self.serving()) if self.l7 else {})
 
     def names_by_ip(self) -> dict[str, str]:
-        return {p.ip: p.pod.name for p in self.pods} | {x.ip: x.name for x in self.proxies}
+        return {p.ip: p.pod.name for p in self.pods} | self.proxies.names_by_ip()
 
-    # -- L7 proxy ------------------------------------------------------------------------------
-
-    def start_proxies(self) -> None:
-        """The L7 proxy pods: HAProxy, its server slots empty until the first sync."""
-        for index in range(L7_PROXY_REPLICAS):
-            name, node = f"l7-proxy-{index}", index % self.cfg.cluster.nodes
-            namespace, ip = self.topology.add_pod(f"x{index}", node)
-            config = self.workdir / f"{name}.cfg"
-            runtime_socket = self.workdir / f"{name}.sock"
-            config.write_text(l7.haproxy_config(self.cfg.workload.protocol, self.target_port,
-                                                self.target_port, L7_SLOTS, runtime_socket))
-            log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-            process = subprocess.Popen(netns.ns_exec(namespace, ["haproxy", "-db", "-f",
-                                                                 str(config)]),
-                                       stdout=log, stderr=subprocess.STDOUT)
-            self.proxies.append(LabProxy(name, ip, runtime_socket, process, log))
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        for proxy in self.proxies:
-            while True:
-                if proxy.process.poll() is not None:
-                    tail = (self.workdir / f"{proxy.name}.log").read_text(errors="replace")
-                    raise RuntimeError(f"{proxy.name} (haproxy) exited at start: {tail[-300:]}")
-                with contextlib.suppress(OSError):
-                    if "Name: HAProxy" in l7.runtime(proxy.runtime_socket, "show info"):
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{proxy.name} (haproxy) not answering after "
-                                       f"{STARTUP_TIMEOUT_SECONDS:g} s")
-                time.sleep(0.05)
-
-    def sync_proxies(self, endpoints: list[rules.Endpoint]) -> None:
-        commands = self.proxy_slots.update([str(e) for e in endpoints])
-        for proxy in self.proxies:
-            for command in commands:
-                l7.runtime(proxy.runtime_socket, command)
-        if commands:  # HAProxy answers errors in words: check the state it reports instead
-            self.proxy_read_back(endpoints)
-
-    def proxy_read_back(self, endpoints: list[rules.Endpoint]) -> dict[str, Any]:
-        """Check every proxy's servers in service are `endpoints`."""
-        expected = sorted(str(e) for e in endpoints)
-        for proxy in self.proxies:
-            state = l7.runtime(proxy.runtime_socket, f"show servers state {l7.BACKEND}")
-            enabled = sorted(l7.enabled_servers(state))
-            if enabled != expected:
-                raise RuntimeError(f"{proxy.name}: servers in service {enabled}, "
-                                   f"expected {expected}")
-        return {"l7_proxy": {"software": "haproxy", "replicas": len(self.proxies),
-                             "balance": "roundrobin per request", "servers": len(expected)}}
-
-    # -- IPVS ----------------------------------------------------------------------------------
-
-    def prepare_ipvs(self) -> None:
-        """What kube-proxy's IPVS proxier sets up once per node: sysctls, kube-ipvs0, the service.
-
-        A kernel without the dummy link type or the scheduler's module makes the cell
-        UNSUPPORTED with the kernel's words.
-        """
-        assert self.scheduler is not None
-        for node in range(self.cfg.cluster.nodes):
-            self.nodes.run(node, ["sysctl", "-qw", *ipvs.SYSCTLS])
-            try:
-                self.nodes.run(node, ["ip", "link", "add", ipvs.DUMMY_DEVICE, "type", "dummy"])
-            except netns.LabError as exc:
-                raise Unsupported(f"the lab's IPVS modes need the dummy link type for "
-                                  f"{ipvs.DUMMY_DEVICE}: {exc}") from exc
-            self.nodes.run(node, ["ip", "addr", "add", f"{CLUSTER_IP}/32", "dev",
-                                  ipvs.DUMMY_DEVICE])
-            try:
-                self.ipvsadm(node, ipvs.create_service(self.service_address, self.scheduler))
-            except netns.LabError as exc:
-                if "not found" not in str(exc):  # ipvsadm: "Scheduler ... not found"
-                    raise
-                raise Unsupported(f"IPVS scheduler {self.scheduler} is not available in this "
-                                  f"kernel: {exc}") from exc
-
-    def ipvsadm(self, node: int, commands: list[str]) -> None:
-        if commands:
-            self.nodes.run(node, ["ipvsadm", "--restore"], "\n".join(commands) + "\n")
-
-    def ip_vs_text(self, node: int, table: str = "ip_vs") -> str:
-        return self.nodes.read(node, f"/proc/net/{table}")
-
-    def ipvs_service(self, node: int) -> ipvs.VirtualService | None:
-        return ipvs.find_service(ipvs.parse_ip_vs(self.ip_vs_text(node)),
-                                 self.service_address)
-
-    def ipvs_graceful_pass(self) -> None:
-        """kube-proxy's graceful termination manager: drop quiesced servers without connections."""
-        for node in range(self.cfg.cluster.nodes):
-            current = self.ipvs_service(node)
-            if current is not None:
-                self.ipvsadm(node, ipvs.graceful_deletions(self.service_address,
-                                                           current.real_servers))
-
-    def read_back(self) -> dict[str, Any]:
-        """Read every node's rules back from the kernel and check them against the mode."""
-        n = len(self.dataplane_endpoints())
-        checked = []
-        example: list[str] = []
-        for node in range(self.cfg.cluster.nodes):
-            if self.scheduler is not None:
-                service = self.ipvs_service(node)
-                weighted = sorted(rs.address for rs in service.real_servers
-                                  if rs.weight > 0) if service else []
-                ok = (service is not None and service.scheduler == self.scheduler
-                      and weighted == sorted(str(e) for e in self.dataplane_endpoints()))
-                seen = [] if service is None else [
-                    f"{service.protocol} {service.address} {service.scheduler} {service.flags}"
-                    .strip(),
-                    *(f"-> {rs.address} {rs.forward} weight {rs.weight}"
-                      for rs in service.real_servers)]
-            elif self.cell.mode == "iptables":
-                text = self.nodes.run(node, ["iptables-save", "-t", "nat"])
-                seen = [line for line in text.splitlines()
-                        if line.startswith(f"-A {rules.service_chain(self.service)} ")]
-                found = [float(line.split("--probability ")[1].split()[0])
-                         for line in seen if "--probability" in line]
-                expected = [1.0 / (n - i) for i in range(n - 1)]
-                ok = len(seen) == n and all(abs(a - b) < 1e-6 for a, b in
-                                            zip(found, expected, strict=True))
-            else:
-                text = self.nodes.run(node, ["nft", "list", "table", "ip", "kube-proxy"])
-                seen = [line.strip() for line in text.splitlines() if "numgen" in line]
-                ok = len(seen) == 1 and f"numgen random mod {n} vmap" in seen[0]
-            checked.append(ok)
-            if node == 0:
-                example = seen[:8]
-            if not ok:
-                raise RuntimeError(f"node-{node + 1}: the {self.cell.mode} rules read back do "
-                                   f"not match {n} endpoints: {seen[:3]}")
-        proxy = self.proxy_read_back(self.serving()) if self.proxies else {}
-        return {"mode": self.cell.mode, "verified": all(checked), "endpoints": n,
-                "kernel": self.nodes.describe(),
-                "nodes_checked": len(checked), "example_rules_node_1": example,
-                "source": "read back from each node's kernel "
-                          "(iptables-save / nft list / /proc/net/ip_vs)", **proxy}
-
-    # -- workload ------------------------------------------------------------------------------
-
-    def start_clients(self) -> None:
-        workload = self.cfg.workload
-        for client in range(workload.clients):
-            node = self.cfg.client_node(client)
-            namespace, ip = self.topology.add_pod(f"c{client}", node)
-            self.clients.append((namespace, ip, node))
-        config = self.workdir / "experiment.yaml"
-        config.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json")))
-        host = (f"http://{CLUSTER_IP}:{SERVICE_HTTP_PORT}" if workload.protocol == "http"
-                else f"{CLUSTER_IP}:{GRPC_PORT}")
-        base = [sys.executable, "-m", "kpbench.workload", "--config", str(config),
-                "--run-time", str(self.cfg.duration_seconds + LOCUST_RUN_TIME_MARGIN_SECONDS)]
-        master = [
-            *base, "--host", host, "--master", "--expect-workers", str(workload.clients),
-            "--master-bind-port", str(LOCUST_MASTER_PORT),
-            "--csv", str(self.workdir / "locust" / "locust"),
-            "--summary", str(self.workdir / "summary.json"),
-        ]
-        (self.workdir / "locust").mkdir()
-        log = open(self.workdir / "locust-master.log", "wb")  # noqa: SIM115
-        self.locust.append(subprocess.Popen(netns.ns_exec(self.topology.control_ns, master),
-                                            stdout=log, stderr=subprocess.STDOUT))
-        for index, (namespace, _, _) in enumerate(self.clients):
-            worker = [*base, "--worker", "--master-host", CONTROL_IP,
-                      "--master-port", str(LOCUST_MASTER_PORT)]
-            log = open(self.workdir / f"locust-worker-{index}.log", "wb")  # noqa: SIM115
-            self.locust.append(subprocess.Popen(netns.ns_exec(namespace, worker), stdout=log,
-                                                stderr=subprocess.STDOUT))
-
-    def wait_for_first_connection(self, pods: list[LabPod]) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if any(process.poll() is not None for process in self.locust):
-                logs = sorted(self.workdir.glob("locust-*.log"))
-                tail = logs[0].read_text()[-400:] if logs else ""
-                raise RuntimeError(f"Locust exited before the run started: {tail}")
-            texts = self.scrape_all(pods)
-            if any(parse_metrics(t).connections > 0 for t in texts if t):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"no connection reached a pod within {STARTUP_TIMEOUT_SECONDS:g} s")
-
-    def stop_clients(self) -> dict[str, Any]:
-        """SIGTERM the master first (it writes the summary and stops its workers), then the rest."""
-        master = self.locust[0] if self.locust else None
-        if master is not None and master.poll() is None:
-            master.send_signal(signal.SIGTERM)
-            try:
-                master.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                master.kill()
-        for process in self.locust:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for process in self.locust:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        summary_path = self.workdir / "summary.json"
-        if master is not None and summary_path.exists():
-            return dict(json.loads(summary_path.read_text()))
-        return {}
-
-    # -- sampling ------------------------------------------------------------------------------
-
-    def check_alive(self) -> None:
-        """A server, proxy or Locust process that exited on its own fails the cell: its pod
-        would otherwise vanish from the samples and read as balance."""
-        for pod in self.pods:
-            if (pod.pod.terminating_at is None and pod.process is not None
-                    and pod.process.poll() is not None):
-                raise RuntimeError(f"{pod.pod.name} (backend server) died mid-cell at "
-                                   f"t={self.now():.1f} s with exit code "
-                                   f"{pod.process.returncode}: {self.log_tail(pod)[-200:]}")
-        for proxy in self.proxies:
-            if proxy.process.poll() is not None:
-                raise RuntimeError(f"{proxy.name} (haproxy) died mid-cell at t={self.now():.1f} "
-                                   f"s with exit code {proxy.process.returncode}")
-        for index, process in enumerate(self.locust):
-            if process.poll() is not None:
-                who, log = (("the Locust master", "locust-master.log") if index == 0 else
-                            (f"Locust worker {index - 1}", f"locust-worker-{index - 1}.log"))
-                path = self.workdir / log
-                tail = path.read_text(errors="replace")[-200:] if path.exists() else ""
-                raise RuntimeError(f"{who} died mid-cell at t={self.now():.1f} s with exit code "
-                                   f"{process.returncode}: {' '.join(tail.split())}")
-
-    def check_silent(self) -> None:
-        """A ready pod whose /metrics stopped answering and never answered again, while it was
-        neither terminating nor gone, fails the cell."""
-        silent = [p for p in self.pods if p.pod.name in self.unanswered and p.pod.ready
-                  and not p.exited and p.pod.terminating_at is None]
-        if silent:
-            since = min(self.unanswered[p.pod.name] for p in silent)
-            raise RuntimeError(f"{', '.join(p.pod.name for p in silent)} stopped answering "
-                               f"/metrics at t={since:g} s and never answered again")
+    # -- the planned events' handlers ----------------------------------------------------------
 
     def sample(self, planned: float) -> None:
-        now = self.now()
-        self.sample_lateness.append(now - planned)
         self.check_alive()
         alive = [p for p in self.pods if not p.exited and p.process is not None]
-        texts = self.scrape_all(alive)
-        unanswered = [p.pod.name for p, text in zip(alive, texts, strict=True) if text is None]
+        unanswered = self.sampler.add_metrics(planned, self.now(), alive,
+                                              self.servers.metrics(alive))
         if unanswered:  # no row rather than an invented one; the gap is recorded
             self.record("scrape_failed", None, pods=unanswered, sample=planned)
-        for pod, text in zip(alive, texts, strict=True):
-            if text is None:
-                self.unanswered.setdefault(pod.pod.name, planned)
-            else:
-                self.unanswered.pop(pod.pod.name, None)
-        for pod, text in zip(alive, texts, strict=True):
-            if text is None:
-                continue
-            scrape = parse_metrics(text)
-            if scrape.cpu_seconds is not None:
-                if pod.cpu is not None and now > pod.cpu[0]:
-                    used = scrape.cpu_seconds - pod.cpu[1]
-                    pod.cpu_millicores = used / (now - pod.cpu[0]) * 1000
-                pod.cpu = (now, scrape.cpu_seconds)
-            self.sample_rows.append({
-                "t": round(planned, 6), "pod": pod.pod.name, "node": f"node-{pod.pod.node + 1}",
-                "created_at": pod.pod.created_at, "ready": pod.pod.ready,
-                "terminating": pod.pod.terminating_at is not None,
-                "active_connections": scrape.active, "connections_total": scrape.connections,
-                "requests_total": scrape.requests, "cpu_millicores": pod.cpu_millicores,
-            })
-        self.read_conntrack(planned)
-        if self.scheduler is not None:
-            self.sample_ipvs(planned)
-
-    @staticmethod
-    def _get(url: str, timeout: float = 2.0) -> str | None:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                return str(response.read().decode())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-
-    def sample_ipvs(self, t: float) -> None:
-        """Each node's real servers of the service, with weights and counts, for `ipvs.csv`."""
         by_ip = self.names_by_ip()
-        for node in range(self.cfg.cluster.nodes):
-            text = self.ip_vs_text(node)
-            self.ipvs_rows += ipvs.service_rows(t, f"node-{node + 1}", text,
-                                                self.service_address, by_ip)
-
-    def established(self, node: int) -> list[tuple[str, int, str]]:
-        """(client ip, client port, pod ip) of the service's established connections on `node`:
-        from the IPVS connection table in IPVS modes, else from conntrack."""
-        if self.scheduler is not None:
-            return [(c.client.rsplit(":", 1)[0], int(c.client.rsplit(":", 1)[1]),
-                     c.destination.rsplit(":", 1)[0])
-                    for c in ipvs.parse_ip_vs_conn(self.ip_vs_text(node, "ip_vs_conn"))
-                    if c.state == "ESTABLISHED" and c.virtual == self.service_address]
-        if self.kernel_placement == "vm":  # a file read: no process started in the emulated guest
-            return parse_conntrack(established_to(self.nodes.read(node, "/proc/net/nf_conntrack"),
-                                                  CLUSTER_IP))
-        return parse_conntrack(self.nodes.run(node, [
-            "conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP, "--state", "ESTABLISHED"]))
-
-    def read_conntrack(self, t: float) -> None:
-        by_ip = self.names_by_ip()
-        for node in range(self.cfg.cluster.nodes):
-            for client_ip, port, pod_ip in self.established(node):
-                key = (node, client_ip, port, by_ip.get(pod_ip, pod_ip))
-                seen = self.flows.setdefault(key, [t, t])
-                seen[1] = t
+        self.sampler.read_connections(planned, by_ip)
+        if self.kube_proxy.scheduler is not None:
+            self.sampler.read_ipvs(planned, by_ip)
 
     def scrape_cpu(self) -> None:
         """metrics-server's scrape: each running server process's CPU time, from the kernel."""
@@ -910,6 +474,13 @@ class LabCell:
                 self.terminate(pod, killed=True)
         self.reconcile()
 
+    def check_alive(self) -> None:
+        """A server, proxy or Locust process that exited on its own fails the cell."""
+        now = self.now()
+        self.servers.check_alive(self.pods, now)
+        self.proxies.check_alive(now)
+        self.clients.check_alive(now)
+
     # -- the cell ------------------------------------------------------------------------------
 
     def create_nodes(self) -> None:
@@ -922,8 +493,8 @@ class LabCell:
         self.session = vm.Session(taps=taps, netns=self.topology.vm_ns, memory_mib=VM_MEMORY_MIB)
         self.session.start()
         self.topology.attach_taps()
-        self.nodes = VmNodes(self.session)
-        self.nodes.guest(["sh", "-c", self.topology.guest_script()])
+        self.kube_proxy.nodes = nodes = VmNodes(self.session)
+        nodes.guest(["sh", "-c", self.topology.guest_script()])
 
     def run(self, progress: Progress) -> CellResult:
         try:
@@ -932,103 +503,61 @@ class LabCell:
             self.teardown()
 
     def _run(self, progress: Progress) -> CellResult:
-        cfg = self.cfg
-        self.t0 = time.monotonic()
+        setup_started = time.monotonic()
+        self.t0 = self.clock()
         self.create_nodes()
-        if self.scheduler is not None:
-            self.prepare_ipvs()
-        if self.cfg.workload.proxy == "l7":
-            self.start_proxies()
-        setup_started = self.t0
+        self.kube_proxy.prepare()
+        if self.l7:
+            self.proxies.start()
         initial = [self.create_pod(start_now=True) for _ in range(self.replicas)]
-        self.heap.clear()  # their probes: they are ready before the cell starts
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        pending = list(initial)
-        while pending:
-            for pod in pending:
-                assert pod.process is not None
-                if pod.process.poll() is not None:
-                    raise RuntimeError(f"{pod.pod.name} exited at start: "
-                                       f"{self.log_tail(pod)}")
-            pending = [p for p in pending if not self.readyz(p)]
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"{len(pending)} pods not ready after "
-                                   f"{STARTUP_TIMEOUT_SECONDS:g} s")
-            time.sleep(0.05 if pending else 0)
+        self.queue.clear()  # their probes: they are ready before the cell starts
+        self.servers.wait_ready(initial)
         for pod in initial:  # created, started and ready before the cell's clock starts
             pod.pod.created_at = 0.0
             pod.pod.started_at = pod.pod.ready_at = -control.PREEXISTING_SECONDS
         self.start_fanout()
         self.setup_seconds = time.monotonic() - setup_started
         dataplane = self.read_back()
-        self.start_clients()
-        self.wait_for_first_connection(initial)
+        self.clients.start()
+        self.clients.wait_for_first_connection(lambda: self.servers.metrics(initial))
         # The cell's clock starts with the clients' ramp, as in the simulator.
-        self.t0 = time.monotonic()
+        self.t0 = self.clock()
         self.event_rows = [(0.0, e, n, d) for _, e, n, d in self.event_rows]
         for pod in initial:
             self.record("pod_ready", pod)
-        for index, event in enumerate(cfg.events):
-            self.at(event.at, "timeline", index)
-        samples = math.floor(cfg.duration_seconds / cfg.sample_seconds + 1e-9)
-        for k in range(samples + 1):
-            self.at(k * cfg.sample_seconds, "sample", k)
-        if self.autoscaler is not None and cfg.backend.hpa is not None:
-            t = cfg.backend.hpa.sync_seconds
-            while t <= cfg.duration_seconds:
-                self.at(t, "hpa")
-                t += cfg.backend.hpa.sync_seconds
-            resolution = cfg.backend.hpa.metric_resolution_seconds
-            t = control.stream(self.cell.seed, control.STREAM_METRICS).uniform(0.0, resolution)
-            while t <= cfg.duration_seconds:
-                self.at(t, "scrape")
-                t += resolution
-        t = IPVS_GRACEFUL_CHECK_SECONDS
-        while self.scheduler is not None and t <= cfg.duration_seconds:
-            self.at(t, "ipvs-graceful")
-            t += IPVS_GRACEFUL_CHECK_SECONDS
-        while self.heap:
-            t, _, action, arg = self.heap[0]
-            if t > cfg.duration_seconds:
-                break
-            wait = t - self.now()
-            if wait > 0:
-                time.sleep(min(wait, 0.5))
-                continue
-            heapq.heappop(self.heap)
-            if action == "sample":
-                self.sample(t)
-                progress(t)
-            elif action == "ready":
-                self.check_ready(arg, t)
-            elif action == "start":
-                self.start_server(self.pods[arg])
-            elif action == "exited":
-                self.check_exited(arg)
-            elif action == "publish":
-                self.publish()
-            elif action == "reconcile":
-                self.reconcile()
-            elif action == "update":
-                self.update(arg)
-            elif action == "sync":
-                self.sync(arg)
-            elif action == "scrape":
-                self.scrape_cpu()
-            elif action == "timeline":
-                self.timeline(arg)
-            elif action == "hpa":
-                self.hpa_sync()
-            elif action == "ipvs-graceful":
-                self.ipvs_graceful_pass()
+        self.run_schedule(progress)
         self.check_alive()
-        self.check_silent()
-        summary = self.stop_clients()
+        self.sampler.check_silent(self.pods)
+        summary = self.clients.stop()
         return self.result(dataplane, summary)
 
+    def run_schedule(self, progress: Progress) -> None:
+        """The cell's plan and the events it causes, in real time (kpbench.schedule)."""
+        self.queue.add_plan(schedule.plan(self.cfg, self.cell.seed, self.cell.mode))
+        loop = schedule.RealTimeLoop(self.queue, self.now, self.sleep, max_sleep=0.5)
+        loop.run(self.handlers(progress), self.cfg.duration_seconds)
+
+    def handlers(self, progress: Progress) -> dict[Kind, schedule.Handler]:
+        def on_sample(t: float, k: int) -> None:
+            self.sample(t)
+            progress(t)
+
+        return {
+            Kind.TIMELINE: lambda t, index: self.timeline(index),
+            Kind.SAMPLE: on_sample,
+            Kind.HPA_SYNC: lambda t, _: self.hpa_sync(),
+            Kind.METRICS_SCRAPE: lambda t, _: self.scrape_cpu(),
+            Kind.IPVS_GRACEFUL: lambda t, _: self.kube_proxy.graceful_pass(),
+            Kind.START: lambda t, index: self.start_server(self.pods[index]),
+            Kind.READY: lambda t, index: self.check_ready(index, t),
+            Kind.EXITED: lambda t, index: self.check_exited(index),
+            Kind.RECONCILE: lambda t, _: self.reconcile(),
+            Kind.PUBLISH: lambda t, _: self.publish(),
+            Kind.UPDATE: lambda t, consumer: self.update(consumer),
+            Kind.SYNC: lambda t, consumer: self.sync(consumer),
+        }
+
     def result(self, dataplane: dict[str, Any], summary: dict[str, Any]) -> CellResult:
-        samples = pd.DataFrame(self.sample_rows)
-        samples["cpu_millicores"] = samples["cpu_millicores"].astype("float64")
         failed = summary.get("connections", {}).get("failed", 0)
         events = list(self.event_rows)
         if failed:
@@ -1036,30 +565,13 @@ class LabCell:
                            json.dumps({"count": failed, "reason": "counted by the workload"})))
         events_frame = pd.DataFrame(events, columns=["t", "event", "pod", "detail"])
         events_frame = events_frame.sort_values("t", kind="stable").reset_index(drop=True)
-        last_sample = max((v[1] for v in self.flows.values()), default=0.0)
-        rows = []
-        for conn_id, ((node, client_ip, _port, pod), (first, last)) in enumerate(
-            sorted(self.flows.items(), key=lambda item: (item[1][0], item[0]))
-        ):
-            still_open = last >= last_sample
-            rows.append({
-                "conn_id": conn_id, "client": client_ip, "node": f"node-{node + 1}",
-                "pod": pod, "opened_at": first,
-                "closed_at": math.nan if still_open else last + self.cfg.sample_seconds,
-                "close_reason": "end" if still_open else None, "requests": None,
-            })
-        connections = pd.DataFrame(rows, columns=["conn_id", "client", "node", "pod",
-                                                  "opened_at", "closed_at", "close_reason",
-                                                  "requests"])
         artifacts: dict[str, bytes] = {}
         for path in sorted((self.workdir / "locust").glob("*.csv")):
             artifacts[path.name] = path.read_bytes()
         if (self.workdir / "summary.json").exists():
             artifacts["summary.json"] = (self.workdir / "summary.json").read_bytes()
-        if self.ipvs_rows:
-            artifacts["ipvs.csv"] = pd.DataFrame(self.ipvs_rows, columns=ipvs.ROW_COLUMNS).to_csv(
-                index=False).encode()
-        lateness = np.asarray(self.sample_lateness) if self.sample_lateness else np.zeros(1)
+        artifacts |= self.sampler.artifacts()
+        lateness = np.asarray(self.sampler.lateness) if self.sampler.lateness else np.zeros(1)
         syncs = np.asarray(self.sync_durations) if self.sync_durations else np.zeros(1)
         dataplane = dataplane | {
             "setup_seconds": round(self.setup_seconds, 3),
@@ -1069,7 +581,8 @@ class LabCell:
                                  "max": round(float(syncs.max()) * 1000, 1)},
             "workload": {k: summary.get(k) for k in ("connections", "requests")},
         }
-        return CellResult(samples, events_frame, connections, dataplane, artifacts)
+        return CellResult(self.sampler.samples(), events_frame, self.sampler.connections(),
+                          dataplane, artifacts)
 
     def teardown(self) -> None:
         started = time.monotonic()
@@ -1079,21 +592,21 @@ class LabCell:
             self.teardown_seconds = time.monotonic() - started
 
     def _teardown(self) -> None:
-        processes = [*self.locust, *(p.process for p in self.pods if p.process is not None),
-                     *(x.process for x in self.proxies)]
+        processes = [*self.clients.processes,
+                     *(p.process for p in self.pods if p.process is not None),
+                     *(x.process for x in self.proxies.items)]
         for process in processes:
             if process.poll() is None:
                 process.kill()
         for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
-        for proxy in self.proxies:
-            proxy.log.close()
-        self.scraper.shutdown(wait=False, cancel_futures=True)
+        self.proxies.close_logs()
+        self.http.shutdown()
         if self.session is not None:
             self.session.close()
         self.topology.destroy()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["LabBackend", "parse_conntrack", "parse_metrics"]
+__all__ = ["LabBackend", "LabCell"]

@@ -25,7 +25,10 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,3 +375,30 @@ def enter_permanently(namespace: str) -> None:
 
 def ns_exec(namespace: str, command: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", namespace, *command]
+
+
+class InsideGets:
+    """HTTP GETs from inside the lab: a pool of threads that entered `namespace` (the control
+    namespace, which reaches every pod); None for a GET that failed."""
+
+    def __init__(self, namespace: str, workers: int = 16) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, initializer=enter_permanently,
+                                       initargs=(namespace,))
+
+    def get(self, url: str) -> str | None:
+        return self.pool.submit(self._get, url).result()
+
+    def get_all(self, urls: Sequence[str]) -> list[str | None]:
+        """Every URL, concurrently, in order."""
+        return list(self.pool.map(self._get, urls))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _get(url: str, timeout: float = 2.0) -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
