@@ -174,6 +174,7 @@ class IpvsSelector:
         self._heap: list[int] = []
         # sh / mh: lookup tables, rebuilt on any change.
         self._table: list[int] = []
+        self._table_members: set[int] = set()  # the destinations the table was built from
         self._dirty = True
 
     # -- list maintenance ------------------------------------------------------------------------
@@ -213,14 +214,15 @@ class IpvsSelector:
         self._quiesced.pop(dest.endpoint, None)
         if dest.active + dest.inactive > 0:
             self.trash[dest.endpoint] = dest
-        self._dirty = True
+        if dest.endpoint in self._table_members:  # beyond the table's reach: it stays the same
+            self._dirty = True
 
     def _quiesce(self, dest: Destination) -> None:
+        # sh and mh tables keep a quiesced destination's slots (their picks check the weight).
         dest.weight = 0
         self._quiesced[dest.endpoint] = dest
         if self._rr:
             self._unlist_rr(dest)
-        self._dirty = True
 
     def _push(self, dest: Destination) -> None:
         """lc: an entry with `dest`'s current key (after its overhead changed)."""
@@ -339,7 +341,7 @@ class IpvsSelector:
         if self.scheduler == "sh":
             endpoint = self._table[sh_bucket(client_ip)]
         else:
-            endpoint = self._table[mh_hash(client_ip, client_port, MH_KEY_1) % MH_TABLE_SIZE]
+            endpoint = self._table[_mh_slot((client_port + client_ip) & 0xFFFFFFFF)]
         return endpoint if endpoint >= 0 and self.dests[endpoint].weight > 0 else None
 
     def _pick_rr(self) -> int | None:
@@ -368,13 +370,15 @@ class IpvsSelector:
     def _rebuild_table(self) -> None:
         ordered = reversed(self.dests.values())  # list order, head first
         if self.scheduler == "sh":
-            first = [d.endpoint for d in islice(ordered, SH_BUCKETS)]
-            self._table = [first[i % len(first)] for i in range(SH_BUCKETS)] if first else []
+            members = [d.endpoint for d in islice(ordered, SH_BUCKETS)]
+            self._table = ([members[i % len(members)] for i in range(SH_BUCKETS)]
+                           if members else [])
         else:
             # Only the first MH_TABLE_SIZE can claim a slot: the table is full after one round.
-            self._table = maglev_table([
-                (d.endpoint, *self._address_of(d.endpoint))
-                for d in islice((d for d in ordered if d.last_weight > 0), MH_TABLE_SIZE)])
+            members = [d.endpoint for d in islice((d for d in ordered if d.last_weight > 0),
+                                                  MH_TABLE_SIZE)]
+            self._table = maglev_table([(e, *self._address_of(e)) for e in members])
+        self._table_members = set(members)
         self._dirty = False
 
 
@@ -386,21 +390,18 @@ def sh_bucket(client_ip: int, port: int = 0) -> int:
 _MASK64 = (1 << 64) - 1
 
 
-def _rotl64(x: int, bits: int) -> int:
-    return ((x << bits) | (x >> (64 - bits))) & _MASK64
-
-
 def _sipround(v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, int, int]:
+    """SIPROUND (include/linux/siphash.h): 64-bit adds and rotations (inlined: hot in mh)."""
     v0 = (v0 + v1) & _MASK64
-    v1 = _rotl64(v1, 13) ^ v0
-    v0 = _rotl64(v0, 32)
+    v1 = (((v1 << 13) | (v1 >> 51)) & _MASK64) ^ v0
+    v0 = ((v0 << 32) | (v0 >> 32)) & _MASK64
     v2 = (v2 + v3) & _MASK64
-    v3 = _rotl64(v3, 16) ^ v2
+    v3 = (((v3 << 16) | (v3 >> 48)) & _MASK64) ^ v2
     v0 = (v0 + v3) & _MASK64
-    v3 = _rotl64(v3, 21) ^ v0
+    v3 = (((v3 << 21) | (v3 >> 43)) & _MASK64) ^ v0
     v2 = (v2 + v1) & _MASK64
-    v1 = _rotl64(v1, 17) ^ v2
-    v2 = _rotl64(v2, 32)
+    v1 = (((v1 << 17) | (v1 >> 47)) & _MASK64) ^ v2
+    v2 = ((v2 << 32) | (v2 >> 32)) & _MASK64
     return v0, v1, v2, v3
 
 
@@ -427,17 +428,20 @@ MH_KEY_1 = (2654435761, 2654435761)
 MH_KEY_2 = (2654446892, 2654446892)
 
 
-def mh_hash(address: int, port: int, key: tuple[int, int], offset: int = 0) -> int:
-    """ip_vs_mh_hashkey: hsiphash of `offset + port + address` (host order, 32-bit sum)."""
-    return hsiphash_u32((offset + port + address) & 0xFFFFFFFF, key)
+# ip_vs_mh_hashkey hashes `port + address` (host order, a 32-bit sum) with hsiphash. Pure
+# functions of that sum, cached: clients' addresses and ports give a few hundred thousand sums,
+# and a destination keeps its own.
+@functools.lru_cache(maxsize=1 << 19)
+def _mh_slot(address_and_port: int) -> int:
+    """The table slot a client hashes to (`ip_vs_mh_get`)."""
+    return hsiphash_u32(address_and_port, MH_KEY_1) % MH_TABLE_SIZE
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _mh_preference(address: int, port: int) -> tuple[int, int]:
-    """A destination's first slot (offset) and step (skip) in the Maglev table: a pure function
-    of its address, so each is computed once."""
-    return (mh_hash(address, port, MH_KEY_1) % MH_TABLE_SIZE,
-            mh_hash(address, port, MH_KEY_2) % (MH_TABLE_SIZE - 1) + 1)
+@functools.lru_cache(maxsize=1 << 17)
+def _mh_preference(address_and_port: int) -> tuple[int, int]:
+    """A destination's first slot (offset) and step (skip) in the Maglev table."""
+    return (hsiphash_u32(address_and_port, MH_KEY_1) % MH_TABLE_SIZE,
+            hsiphash_u32(address_and_port, MH_KEY_2) % (MH_TABLE_SIZE - 1) + 1)
 
 
 def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
@@ -448,16 +452,17 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
     if not dests:
         return []
     size = MH_TABLE_SIZE
-    preferences = [_mh_preference(a, p) for _, a, p in dests]
+    preferences = [_mh_preference((a + p) & 0xFFFFFFFF) for _, a, p in dests]
     perms = [offset for offset, _ in preferences]
     skips = [skip for _, skip in preferences]
+    endpoints = [endpoint for endpoint, _, _ in dests]
     table = [-1] * size
     filled = 0
     while True:
-        for i, (endpoint, _, _) in enumerate(dests):
-            slot = perms[i]
+        for i, endpoint in enumerate(endpoints):
+            slot, skip = perms[i], skips[i]
             while table[slot] >= 0:
-                slot += skips[i]
+                slot += skip
                 if slot >= size:
                     slot -= size
             perms[i] = slot
