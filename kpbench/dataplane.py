@@ -23,8 +23,8 @@ import random
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 from kpbench.ipvs import scheduler_of

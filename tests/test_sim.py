@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from scipy import stats
 
 from kpbench.backends.base import CellResult
-from kpbench.backends.sim import Simulation
+from kpbench.backends.sim import SimBackend, Simulation
 from kpbench.config import expand_cells, validate
 
 
@@ -249,3 +250,18 @@ def test_hpa_waits_for_metrics_server_windows_before_scaling() -> None:
     assert 60.0 < first <= 120.0
     detail = pd.Series(scaled["detail"].iloc[0]).str.extract(r'"utilization": (\d+)')[0]
     assert detail.notna().all()  # whole percents
+
+
+def test_a_cell_runs_with_cyclic_gc_paused_and_restores_it_even_when_stopped() -> None:
+    (cell,) = expand_cells(validate({"name": "t", "modes": ["ipvs-lc"], "seeds": [1],
+                                     "duration_seconds": 10}))
+    seen: list[bool] = []
+    SimBackend().run_cell(cell, lambda t: seen.append(gc.isenabled()))
+    assert seen and not any(seen) and gc.isenabled()
+
+    def interrupt(t: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SimBackend().run_cell(cell, interrupt)
+    assert gc.isenabled()
