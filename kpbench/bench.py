@@ -2,7 +2,7 @@
 
 Each simulator case runs in a fresh subprocess so that its peak memory is its own:
   quickstart  every cell of experiments/quickstart.yaml (15 cells), sim
-  sim-large   experiments/sim-large.yaml, one process per mode, sim
+  sim-large   experiments/sim-large.yaml, one process per mode (every mode), sim
 Connection events = connections opened + closed + failed connection attempts. Wall time and peak
 memory are the run's (`kpbench run --no-report`); "report s" is rendering its report afterwards.
 Report of 50 runs: 50 quickstart runs (sim), then one comparative `kpbench report` over all of
@@ -30,13 +30,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kpbench.config import ALL_MODES
 from kpbench.results import REPOSITORY
 
 EXPERIMENTS = REPOSITORY / "experiments"
 CASES: list[tuple[str, str, list[str]]] = [
     ("quickstart (15 cells)", "quickstart.yaml", []),
-    ("sim-large ipvs-lc", "sim-large.yaml", ["modes=[ipvs-lc]"]),
-    ("sim-large iptables", "sim-large.yaml", ["modes=[iptables]"]),
+    *[(f"sim-large {mode}", "sim-large.yaml", [f"modes=[{mode}]"]) for mode in ALL_MODES],
 ]
 
 

@@ -17,12 +17,14 @@ Rules / theory of operation (sources in the README's "Model" section):
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 from kpbench.ipvs import scheduler_of
@@ -87,7 +89,6 @@ class Destination:
     last_weight: int = 1  # the latest non-zero weight (`__ip_vs_update_dest`)
     active: int = 0
     inactive: int = 0
-    version: int = 0
 
     @property
     def overhead(self) -> int:
@@ -97,6 +98,12 @@ class Destination:
 def endpoint_address(endpoint: int) -> tuple[int, int]:
     """The (IPv4 address, port) the model gives an endpoint: 198.18.128.0 + id, port 8080."""
     return (198 << 24) + (18 << 16) + (128 << 8) + endpoint, SERVER_PORT
+
+
+# lc's heap holds one int per entry, `overhead << SEQ_BITS | (SEQ_MASK - seq)`: ints compare
+# faster than tuples, and the order is lc's (least overhead, then nearest the head).
+SEQ_BITS = 40
+SEQ_MASK = (1 << SEQ_BITS) - 1
 
 
 class IpvsSelector:
@@ -143,26 +150,31 @@ class IpvsSelector:
             raise ValueError(f"unknown IPVS scheduler {scheduler!r}")
         self.scheduler = scheduler
         self._least = scheduler in ("lc", "wlc")
+        self._rr = scheduler == "rr"
         self._address_of = address_of
+        # Listed destinations; a destination enters with the largest seq and leaves before it
+        # comes back, so this dict's order is ascending seq: the list order reversed.
         self.dests: dict[int, Destination] = {}
         self.trash: dict[int, Destination] = {}  # deleted, connections still bound
-        self._next_seq = 0
-        self._next_version = 0
+        self._quiesced: dict[int, Destination] = {}  # listed with weight 0
+        self._by_seq: list[Destination | None] = []  # seq -> listed destination (None: deleted)
         # Connections waiting to expire, each queue in time order: (expires, destination).
         self._time_wait: deque[tuple[float, Destination]] = deque()
         self._close: deque[tuple[float, Destination]] = deque()
         self._graceful_period = graceful_check_seconds
         self._next_graceful_check = graceful_check_seconds
-        # rr: seqs of listed destinations and of weight > 0 ones (ascending), the cursor's seq
-        # (None: the list head).
+        # rr only: seqs of listed destinations and of weight > 0 ones (ascending), the cursor's
+        # seq (None: the list head).
         self._list_seqs: list[int] = []
         self._rr_seqs: list[int] = []
-        self._rr_by_seq: dict[int, int] = {}
         self._rr_cursor: int | None = None
-        # lc: heap of (overhead, -seq, endpoint, version); stale entries are skipped lazily.
-        self._heap: list[tuple[int, int, int, int]] = []
+        # lc: a heap of keys (SEQ_BITS); an entry whose destination is gone, quiesced or has
+        # another overhead now is skipped lazily. Every listed weight > 0 destination has an
+        # entry with its current key.
+        self._heap: list[int] = []
         # sh / mh: lookup tables, rebuilt on any change.
         self._table: list[int] = []
+        self._table_members: set[int] = set()  # the destinations the table was built from
         self._dirty = True
 
     # -- list maintenance ------------------------------------------------------------------------
@@ -171,20 +183,15 @@ class IpvsSelector:
         """Endpoints in IPVS list order (head first), for tests and inspection."""
         return [d.endpoint for d in sorted(self.dests.values(), key=lambda d: -d.seq)]
 
-    def _bump(self, dest: Destination) -> None:
-        self._next_version += 1
-        dest.version = self._next_version
-
     def _add(self, endpoint: int) -> None:
         dest = self.trash.pop(endpoint, None) or Destination(endpoint, 0)
-        dest.seq = self._next_seq
+        dest.seq = len(self._by_seq)
         dest.weight = dest.last_weight = 1
-        self._next_seq += 1
+        self._by_seq.append(dest)
         self.dests[endpoint] = dest
-        # The largest seq: appending keeps both lists sorted.
-        self._list_seqs.append(dest.seq)
-        self._rr_seqs.append(dest.seq)
-        self._rr_by_seq[dest.seq] = endpoint
+        if self._rr:  # the largest seq: appending keeps both lists sorted
+            self._list_seqs.append(dest.seq)
+            self._rr_seqs.append(dest.seq)
         self._push(dest)
         self._dirty = True
 
@@ -192,42 +199,42 @@ class IpvsSelector:
         index = bisect_left(self._rr_seqs, dest.seq)
         if index < len(self._rr_seqs) and self._rr_seqs[index] == dest.seq:
             del self._rr_seqs[index]
-            del self._rr_by_seq[dest.seq]
 
     def _delete(self, dest: Destination) -> None:
-        index = bisect_left(self._list_seqs, dest.seq)
-        if self._rr_cursor == dest.seq:  # ip_vs_rr_del_dest: back to the predecessor
-            following = index + 1
-            self._rr_cursor = (self._list_seqs[following]
-                               if following < len(self._list_seqs) else None)
-        del self._list_seqs[index]
-        self._unlist_rr(dest)
+        if self._rr:
+            index = bisect_left(self._list_seqs, dest.seq)
+            if self._rr_cursor == dest.seq:  # ip_vs_rr_del_dest: back to the predecessor
+                following = index + 1
+                self._rr_cursor = (self._list_seqs[following]
+                                   if following < len(self._list_seqs) else None)
+            del self._list_seqs[index]
+            self._unlist_rr(dest)
         del self.dests[dest.endpoint]
+        self._by_seq[dest.seq] = None
+        self._quiesced.pop(dest.endpoint, None)
         if dest.active + dest.inactive > 0:
             self.trash[dest.endpoint] = dest
-        self._bump(dest)
-        self._dirty = True
+        if dest.endpoint in self._table_members:  # beyond the table's reach: it stays the same
+            self._dirty = True
 
     def _quiesce(self, dest: Destination) -> None:
+        # sh and mh tables keep a quiesced destination's slots (their picks check the weight).
         dest.weight = 0
-        self._bump(dest)
-        self._unlist_rr(dest)
-        self._dirty = True
+        self._quiesced[dest.endpoint] = dest
+        if self._rr:
+            self._unlist_rr(dest)
 
     def _push(self, dest: Destination) -> None:
+        """lc: an entry with `dest`'s current key (after its overhead changed)."""
         if self._least and dest.weight > 0:
-            self._bump(dest)
             heap = self._heap
-            heapq.heappush(heap, (dest.overhead, -dest.seq, dest.endpoint, dest.version))
+            heapq.heappush(heap, (dest.overhead << SEQ_BITS) | (SEQ_MASK - dest.seq))
             if len(heap) > 4 * len(self.dests) + 64:
                 self._compact_heap()
 
     def _compact_heap(self) -> None:
-        self._heap = [
-            (d.overhead, -d.seq, d.endpoint, d.version)
-            for d in self.dests.values()
-            if d.weight > 0
-        ]
+        self._heap = [(d.overhead << SEQ_BITS) | (SEQ_MASK - d.seq)
+                      for d in self.dests.values() if d.weight > 0]
         heapq.heapify(self._heap)
 
     def sync(self, serving: Sequence[int], now: float) -> None:
@@ -265,10 +272,11 @@ class IpvsSelector:
         self.graceful_pass(now)
 
     def graceful_pass(self, now: float) -> None:
-        """Delete the quiesced destinations that no longer hold a connection."""
+        """Delete the quiesced destinations that no longer hold a connection, in list order
+        from the tail."""
         self.expire(now)
-        for dest in list(self.dests.values()):
-            if dest.weight == 0 and dest.active + dest.inactive == 0:
+        for dest in sorted(self._quiesced.values(), key=lambda d: d.seq):
+            if dest.active + dest.inactive == 0:
                 self._delete(dest)
 
     # -- connection accounting -------------------------------------------------------------------
@@ -284,45 +292,48 @@ class IpvsSelector:
                 elif dest.active + dest.inactive == 0 and self.trash.get(dest.endpoint) is dest:
                     del self.trash[dest.endpoint]  # nothing holds it: the kernel frees it
 
-    def _holder(self, endpoint: int) -> Destination | None:
-        return self.dests.get(endpoint) or self.trash.get(endpoint)
-
     def opened(self, endpoint: int, now: float) -> None:
         dest = self.dests.get(endpoint)
         if dest is None:
             return
+        if not self._least or dest.weight == 0:
+            dest.active += 1
+            return
+        # Hot path of lc: the destination just picked is usually the heap's top; re-key it there.
+        key = (((dest.active << 8) + dest.inactive) << SEQ_BITS) | (SEQ_MASK - dest.seq)
         dest.active += 1
         heap = self._heap
-        if heap and heap[0][2] == endpoint and heap[0][3] == dest.version:
-            # The usual lc case: the least-loaded destination was just picked; re-key it in place.
-            self._bump(dest)
-            heapq.heapreplace(heap, (dest.overhead, -dest.seq, endpoint, dest.version))
+        if heap and heap[0] == key:
+            heapq.heapreplace(heap, key + (256 << SEQ_BITS))
         else:
             self._push(dest)
 
     def closed(self, endpoint: int, now: float, reset: bool = False) -> None:
-        dest = self._holder(endpoint)
+        dest = self.dests.get(endpoint)
+        listed = dest is not None
         if dest is None:
-            return
+            dest = self.trash.get(endpoint)
+            if dest is None:
+                return
         dest.active -= 1
         dest.inactive += 1
         if reset:
             self._close.append((now + IPVS_CLOSE_SECONDS, dest))
         else:
             self._time_wait.append((now + IPVS_TIME_WAIT_SECONDS, dest))
-        if self.dests.get(endpoint) is dest:
+        if listed:
             self._push(dest)
 
     # -- scheduling ------------------------------------------------------------------------------
 
     def pick(self, client_ip: int, client_port: int, now: float) -> int | None:
-        if self.scheduler == "rr":
-            return self._pick_rr()
         if self._least:
             if (self._time_wait and self._time_wait[0][0] <= now) or (
                     self._close and self._close[0][0] <= now):
                 self.expire(now)
             return self._pick_lc()
+        if self._rr:
+            return self._pick_rr()
         if self._dirty:
             self._rebuild_table()
         if not self._table:
@@ -330,7 +341,7 @@ class IpvsSelector:
         if self.scheduler == "sh":
             endpoint = self._table[sh_bucket(client_ip)]
         else:
-            endpoint = self._table[mh_hash(client_ip, client_port, MH_KEY_1) % MH_TABLE_SIZE]
+            endpoint = self._table[_mh_slot((client_port + client_ip) & 0xFFFFFFFF)]
         return endpoint if endpoint >= 0 and self.dests[endpoint].weight > 0 else None
 
     def _pick_rr(self) -> int | None:
@@ -341,28 +352,33 @@ class IpvsSelector:
         index = len(seqs) if self._rr_cursor is None else bisect_left(seqs, self._rr_cursor)
         seq = seqs[index - 1] if index > 0 else seqs[-1]
         self._rr_cursor = seq
-        return self._rr_by_seq[seq]
+        dest = self._by_seq[seq]
+        assert dest is not None
+        return dest.endpoint
 
     def _pick_lc(self) -> int | None:
-        heap, dests = self._heap, self.dests
+        heap, by_seq = self._heap, self._by_seq
         while heap:
-            _, _, endpoint, version = heap[0]
-            dest = dests.get(endpoint)
-            if dest is not None and dest.version == version and dest.weight > 0:
-                return endpoint
+            key = heap[0]
+            dest = by_seq[SEQ_MASK - (key & SEQ_MASK)]
+            if (dest is not None and dest.weight > 0
+                    and key >> SEQ_BITS == (dest.active << 8) + dest.inactive):
+                return dest.endpoint
             heapq.heappop(heap)
         return None
 
     def _rebuild_table(self) -> None:
-        ordered = sorted(self.dests.values(), key=lambda d: -d.seq)
+        ordered = reversed(self.dests.values())  # list order, head first
         if self.scheduler == "sh":
-            self._table = (
-                [ordered[i % len(ordered)].endpoint for i in range(SH_BUCKETS)] if ordered else []
-            )
+            members = [d.endpoint for d in islice(ordered, SH_BUCKETS)]
+            self._table = ([members[i % len(members)] for i in range(SH_BUCKETS)]
+                           if members else [])
         else:
-            self._table = maglev_table(
-                [(d.endpoint, *self._address_of(d.endpoint)) for d in ordered
-                 if d.last_weight > 0])
+            # Only the first MH_TABLE_SIZE can claim a slot: the table is full after one round.
+            members = [d.endpoint for d in islice((d for d in ordered if d.last_weight > 0),
+                                                  MH_TABLE_SIZE)]
+            self._table = maglev_table([(e, *self._address_of(e)) for e in members])
+        self._table_members = set(members)
         self._dirty = False
 
 
@@ -374,21 +390,18 @@ def sh_bucket(client_ip: int, port: int = 0) -> int:
 _MASK64 = (1 << 64) - 1
 
 
-def _rotl64(x: int, bits: int) -> int:
-    return ((x << bits) | (x >> (64 - bits))) & _MASK64
-
-
 def _sipround(v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, int, int]:
+    """SIPROUND (include/linux/siphash.h): 64-bit adds and rotations (inlined: hot in mh)."""
     v0 = (v0 + v1) & _MASK64
-    v1 = _rotl64(v1, 13) ^ v0
-    v0 = _rotl64(v0, 32)
+    v1 = (((v1 << 13) | (v1 >> 51)) & _MASK64) ^ v0
+    v0 = ((v0 << 32) | (v0 >> 32)) & _MASK64
     v2 = (v2 + v3) & _MASK64
-    v3 = _rotl64(v3, 16) ^ v2
+    v3 = (((v3 << 16) | (v3 >> 48)) & _MASK64) ^ v2
     v0 = (v0 + v3) & _MASK64
-    v3 = _rotl64(v3, 21) ^ v0
+    v3 = (((v3 << 21) | (v3 >> 43)) & _MASK64) ^ v0
     v2 = (v2 + v1) & _MASK64
-    v1 = _rotl64(v1, 17) ^ v2
-    v2 = _rotl64(v2, 32)
+    v1 = (((v1 << 17) | (v1 >> 47)) & _MASK64) ^ v2
+    v2 = ((v2 << 32) | (v2 >> 32)) & _MASK64
     return v0, v1, v2, v3
 
 
@@ -415,9 +428,20 @@ MH_KEY_1 = (2654435761, 2654435761)
 MH_KEY_2 = (2654446892, 2654446892)
 
 
-def mh_hash(address: int, port: int, key: tuple[int, int], offset: int = 0) -> int:
-    """ip_vs_mh_hashkey: hsiphash of `offset + port + address` (host order, 32-bit sum)."""
-    return hsiphash_u32((offset + port + address) & 0xFFFFFFFF, key)
+# ip_vs_mh_hashkey hashes `port + address` (host order, a 32-bit sum) with hsiphash. Pure
+# functions of that sum, cached: clients' addresses and ports give a few hundred thousand sums,
+# and a destination keeps its own.
+@functools.lru_cache(maxsize=1 << 19)
+def _mh_slot(address_and_port: int) -> int:
+    """The table slot a client hashes to (`ip_vs_mh_get`)."""
+    return hsiphash_u32(address_and_port, MH_KEY_1) % MH_TABLE_SIZE
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _mh_preference(address_and_port: int) -> tuple[int, int]:
+    """A destination's first slot (offset) and step (skip) in the Maglev table."""
+    return (hsiphash_u32(address_and_port, MH_KEY_1) % MH_TABLE_SIZE,
+            hsiphash_u32(address_and_port, MH_KEY_2) % (MH_TABLE_SIZE - 1) + 1)
 
 
 def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
@@ -428,16 +452,17 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
     if not dests:
         return []
     size = MH_TABLE_SIZE
-    offsets = [mh_hash(a, p, MH_KEY_1) % size for _, a, p in dests]
-    skips = [mh_hash(a, p, MH_KEY_2) % (size - 1) + 1 for _, a, p in dests]
-    perms = offsets.copy()
+    preferences = [_mh_preference((a + p) & 0xFFFFFFFF) for _, a, p in dests]
+    perms = [offset for offset, _ in preferences]
+    skips = [skip for _, skip in preferences]
+    endpoints = [endpoint for endpoint, _, _ in dests]
     table = [-1] * size
     filled = 0
     while True:
-        for i, (endpoint, _, _) in enumerate(dests):
-            slot = perms[i]
+        for i, endpoint in enumerate(endpoints):
+            slot, skip = perms[i], skips[i]
             while table[slot] >= 0:
-                slot += skips[i]
+                slot += skip
                 if slot >= size:
                     slot -= size
             perms[i] = slot

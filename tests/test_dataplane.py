@@ -11,10 +11,15 @@ import pytest
 from kpbench.dataplane import (
     IPVS_GRACEFUL_CHECK_SECONDS,
     IPVS_TIME_WAIT_SECONDS,
+    MH_KEY_1,
+    MH_TABLE_SIZE,
+    SH_BUCKETS,
     IpvsSelector,
     RandomSelector,
+    endpoint_address,
     hsiphash_u32,
     iptables_probabilities,
+    maglev_table,
     sh_bucket,
 )
 
@@ -202,3 +207,61 @@ def test_update_with_the_change_equals_sync_with_the_whole_view(scheduler: str) 
         assert [(d.weight, d.active, d.inactive) for d in full.dests.values()] == [
             (delta.dests[e].weight, delta.dests[e].active, delta.dests[e].inactive)
             for e in full.dests]
+
+
+def rule_pick(ipvs: IpvsSelector, client: int, port: int) -> int | None:
+    """The scheduler's rule applied to the whole list as it stands, with none of the selector's
+    caches: its heap, its kept tables, their truncation to the slots that can be claimed."""
+    order = [ipvs.dests[e] for e in ipvs.list_order()]
+    if ipvs.scheduler in ("lc", "wlc"):
+        candidates = [d for d in order if d.weight > 0]
+        return min(candidates, key=lambda d: (d.overhead, -d.seq)).endpoint if candidates else None
+    if not order:
+        return None
+    if ipvs.scheduler == "sh":
+        endpoint = [order[i % len(order)].endpoint for i in range(SH_BUCKETS)][sh_bucket(client)]
+    else:
+        table = maglev_table([(d.endpoint, *endpoint_address(d.endpoint)) for d in order
+                              if d.last_weight > 0])
+        endpoint = table[hsiphash_u32((client + port) & 0xFFFFFFFF, MH_KEY_1) % MH_TABLE_SIZE]
+    return endpoint if ipvs.dests[endpoint].weight > 0 else None
+
+
+@pytest.mark.parametrize(("scheduler", "endpoints", "steps"),
+                         [("lc", 60, 600), ("wlc", 60, 300), ("sh", 400, 300), ("mh", 60, 300),
+                          ("mh", 2 * MH_TABLE_SIZE, 25)])
+def test_picks_follow_the_rule_over_the_whole_list_under_churn(
+    scheduler: str, endpoints: int, steps: int
+) -> None:
+    # More endpoints than sh buckets or Maglev slots: only the list's head can be in the table.
+    rng = random.Random(f"{scheduler}-{endpoints}")
+    ipvs = IpvsSelector(scheduler)
+    view = set(rng.sample(range(endpoints), endpoints * 3 // 4))
+    ipvs.sync(sorted(view), 0.0)
+    held: list[int] = []
+    now = 0.0
+    for _ in range(steps):
+        now += rng.uniform(0.0, 15.0)
+        if rng.random() < 0.3:
+            outside = sorted(set(range(endpoints)) - view)
+            joined = rng.sample(outside, min(len(outside), rng.randint(0, 3)))
+            gone = set(rng.sample(sorted(view), min(len(view), rng.randint(0, 3))))
+            view = (view - gone) | set(joined)
+            ipvs.update(joined, gone - view, now)
+        ipvs.tick(now)
+        for _ in range(rng.randint(1, 8)):
+            client, port = rng.getrandbits(32), rng.randrange(32768, 61000)
+            ipvs.expire(now)
+            expected = rule_pick(ipvs, client, port)
+            chosen = ipvs.pick(client, port, now)
+            assert chosen == expected
+            if chosen is not None:
+                ipvs.opened(chosen, now)
+                held.append(chosen)
+        if ipvs.dests and rng.random() < 0.2:  # a connection the rule did not choose
+            endpoint = rng.choice(sorted(ipvs.dests))
+            ipvs.opened(endpoint, now)
+            held.append(endpoint)
+        for _ in range(rng.randint(0, 6)):
+            if held:
+                ipvs.closed(held.pop(rng.randrange(len(held))), now, reset=rng.random() < 0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from scipy import stats
 
 from kpbench.addresses import dotted
 from kpbench.backends.base import CellResult
-from kpbench.backends.sim import Simulation
+from kpbench.backends.sim import SimBackend, Simulation
 from kpbench.config import expand_cells, validate
 
 
@@ -282,3 +283,18 @@ def test_ramps_that_overlap_open_every_user_once_and_never_in_the_past(
     assert connections_frame["conn_id"].nunique() == len(connections_frame)
     assert end_counts(result).sum() == events[0]["connections"]
     assert connections_frame.groupby("opened_at").size().max() <= connections
+
+
+def test_a_cell_runs_with_cyclic_gc_paused_and_restores_it_even_when_stopped() -> None:
+    (cell,) = expand_cells(validate({"name": "t", "modes": ["ipvs-lc"], "seeds": [1],
+                                     "duration_seconds": 10}))
+    seen: list[bool] = []
+    SimBackend().run_cell(cell, lambda t: seen.append(gc.isenabled()))
+    assert seen and not any(seen) and gc.isenabled()
+
+    def interrupt(t: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SimBackend().run_cell(cell, interrupt)
+    assert gc.isenabled()
