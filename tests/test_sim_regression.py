@@ -40,38 +40,84 @@ CASES: dict[str, dict[str, Any]] = {
 }
 L7_CASE = {**CASES["long-lived"], "workload__proxy": "l7"}
 
-# Recorded from the code before the optimisation (python -m tests.test_sim_regression).
+# Recorded from the code before the optimisation (python -m tests.test_sim_regression), and
+# again with the pod address plan, from the code before the optimisation was merged beside it.
 DIGESTS: dict[str, dict[str, str]] = {
-    "iptables/churn": {"samples": "893ed26323fad82f", "connections": "20ad937772105217",
-                       "events": "11f299cb7569bb33"},
-    "iptables/l7": {"samples": "5fd081128b210457", "connections": "238a920344e08dca",
-                    "events": "52685ea8e6fe270d"},
-    "iptables/long-lived": {"samples": "4cb90c0b49e32f4f", "connections": "4dd6a5d2a0d1f18a",
-                            "events": "06ac1a05bd65086a"},
-    "ipvs-lc/churn": {"samples": "6c260c4d227f630f", "connections": "7ce7edaa3577271d",
-                      "events": "385d05e50012ff30"},
-    "ipvs-lc/long-lived": {"samples": "76dc7e004ca3a4e2", "connections": "e058508f4c18cab4",
-                           "events": "fbd47bcc93a0b4d1"},
-    "ipvs-mh/churn": {"samples": "5cdec47d24b2bd0f", "connections": "55a141aa4f4f43cc",
-                      "events": "d224a123d2a088da"},
-    "ipvs-mh/long-lived": {"samples": "9411ae35df45a90b", "connections": "3e06ae7ab05423ea",
-                           "events": "58a4ca1f126e9460"},
-    "ipvs-rr/churn": {"samples": "b79a409a198a1e45", "connections": "a916da8aeb2e18b4",
-                      "events": "48e49cda355c3cd5"},
-    "ipvs-rr/long-lived": {"samples": "3762e85145c9b99a", "connections": "904bf3a745f60a4f",
-                           "events": "949807501af83363"},
-    "ipvs-sh/churn": {"samples": "66e2bb3f93994f74", "connections": "0560bfab50c1233c",
-                      "events": "e1330c96c72884cb"},
-    "ipvs-sh/long-lived": {"samples": "28e5e7f75bea157f", "connections": "b0fa36c7981fcf87",
-                           "events": "c136aaefd8880f9f"},
-    "ipvs-wlc/churn": {"samples": "6c260c4d227f630f", "connections": "7ce7edaa3577271d",
-                       "events": "385d05e50012ff30"},
-    "ipvs-wlc/long-lived": {"samples": "76dc7e004ca3a4e2", "connections": "e058508f4c18cab4",
-                            "events": "fbd47bcc93a0b4d1"},
-    "nftables/churn": {"samples": "7971d7a5594b636e", "connections": "6cf3bafeb4f72146",
-                       "events": "2b6128341709c083"},
-    "nftables/long-lived": {"samples": "ddea937fd6121778", "connections": "69a4150a366b33d8",
-                            "events": "f1ebf2fd3ba9e721"},
+    "iptables/churn": {
+        "connections": "20ad937772105217",
+        "events": "11f299cb7569bb33",
+        "samples": "893ed26323fad82f"
+    },
+    "iptables/l7": {
+        "connections": "238a920344e08dca",
+        "events": "52685ea8e6fe270d",
+        "samples": "5fd081128b210457"
+    },
+    "iptables/long-lived": {
+        "connections": "4dd6a5d2a0d1f18a",
+        "events": "06ac1a05bd65086a",
+        "samples": "4cb90c0b49e32f4f"
+    },
+    "ipvs-lc/churn": {
+        "connections": "7ce7edaa3577271d",
+        "events": "385d05e50012ff30",
+        "samples": "6c260c4d227f630f"
+    },
+    "ipvs-lc/long-lived": {
+        "connections": "e058508f4c18cab4",
+        "events": "fbd47bcc93a0b4d1",
+        "samples": "76dc7e004ca3a4e2"
+    },
+    "ipvs-mh/churn": {
+        "connections": "b4cf9058afb21f80",
+        "events": "973e10801fd8eb3a",
+        "samples": "d78350ef833a6ddb"
+    },
+    "ipvs-mh/long-lived": {
+        "connections": "32e39f9bd8b5f9b2",
+        "events": "8e3e71eaf510b0fd",
+        "samples": "068912e0b7fbadb0"
+    },
+    "ipvs-rr/churn": {
+        "connections": "a916da8aeb2e18b4",
+        "events": "48e49cda355c3cd5",
+        "samples": "b79a409a198a1e45"
+    },
+    "ipvs-rr/long-lived": {
+        "connections": "904bf3a745f60a4f",
+        "events": "949807501af83363",
+        "samples": "3762e85145c9b99a"
+    },
+    "ipvs-sh/churn": {
+        "connections": "1035382dd294222c",
+        "events": "10229b819f4703a2",
+        "samples": "8a9bc52e38536899"
+    },
+    "ipvs-sh/long-lived": {
+        "connections": "8695c056233e31cd",
+        "events": "46248bb998068ef0",
+        "samples": "e8cb45af6a05239b"
+    },
+    "ipvs-wlc/churn": {
+        "connections": "7ce7edaa3577271d",
+        "events": "385d05e50012ff30",
+        "samples": "6c260c4d227f630f"
+    },
+    "ipvs-wlc/long-lived": {
+        "connections": "e058508f4c18cab4",
+        "events": "fbd47bcc93a0b4d1",
+        "samples": "76dc7e004ca3a4e2"
+    },
+    "nftables/churn": {
+        "connections": "6cf3bafeb4f72146",
+        "events": "2b6128341709c083",
+        "samples": "7971d7a5594b636e"
+    },
+    "nftables/long-lived": {
+        "connections": "69a4150a366b33d8",
+        "events": "f1ebf2fd3ba9e721",
+        "samples": "ddea937fd6121778"
+    }
 }
 
 
