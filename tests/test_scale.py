@@ -67,7 +67,9 @@ def test_nftables_and_ipvs_write_every_service_once() -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ("endpoints_per_service=0", "endpoints_per_service: must be >= 1"),
-    ("host.modes=[ipvs-lc]", "host.modes[0]: must be one of"),
+    ("host.modes=[ipvs-wrr]", "host.modes[0]: must be one of"),
+    ("repeats=0", "repeats: must be >= 1"),
+    ("repeats=many", "repeats: "),
     ("host.services=[1]", "host.services: each must be 2.."),
     ("host.servces=[10]", "host.servces: unknown key (did you mean 'services'?)"),
     ("host.services=[20000]", "host.services: 20,000 services of 3 endpoints do not fit"),
@@ -79,6 +81,17 @@ def test_bad_input_is_one_line_and_exit_2_and_creates_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_every_repeat_is_a_whole_sweep_with_the_modes_side_by_side() -> None:
+    from kpbench.scale import load
+
+    config = load(CONFIG, ["repeats=2", "host.services=[10, 30]"], only="host")
+    points = [(p.repeat, p.services, p.mode) for p in config.points("host")]
+    assert points == [(1, 10, "iptables"), (1, 10, "nftables"), (1, 30, "iptables"),
+                      (1, 30, "nftables"), (2, 10, "iptables"), (2, 10, "nftables"),
+                      (2, 30, "iptables"), (2, 30, "nftables")]
+    assert load(CONFIG).repeats == 3  # the documented default, as the shipped config sets it
 
 
 def test_validate_knows_scale_configs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,20 +119,27 @@ def lab(test: Callable[..., None]) -> Callable[..., None]:
 def test_host_sweep_measures_iptables_and_nftables_on_the_real_kernel(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["scale", str(CONFIG), "--only", "host", "--out", str(tmp_path),
-                 "--set", "host.services=[10, 30]", "--set", "host.connects=30"])
+                 "--set", "host.services=[10, 30]", "--set", "host.connects=30",
+                 "--set", "repeats=2"])
     folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     manifest, points = _load(folder)
     assert manifest["status"] == "COMPLETED"
     assert manifest["placements"]["host"]["kernel"] == os.uname().release
-    assert sorted(zip(points["mode"], points["services"], strict=True)) == [
-        ("iptables", 10), ("iptables", 30), ("nftables", 10), ("nftables", 30)]
+    assert sorted(zip(points["mode"], points["services"], points["repeat"], strict=True)) == [
+        (mode, size, repeat) for mode in ("iptables", "nftables") for size in (10, 30)
+        for repeat in (1, 2)]
     assert (points["kernel"] == os.uname().release).all()
     for accepted in points["accepted"]:  # the real pods answered through the node's rules
         assert sum(accepted) > 0
     assert (points["sync_seconds"] > 0).all() and (points["incremental_seconds"] > 0).all()
     assert (points["connect_median_us"] > 0).all()
     assert {"measurements.csv", "summary.md", "scale.png"} <= {p.name for p in folder.iterdir()}
+    table = pd.read_csv(folder / "measurements.csv")
+    assert sorted(table["repeat"]) == [1] * 4 + [2] * 4
+    summary = (folder / "summary.md").read_text()
+    assert "| host " in summary and " | 2 | " in summary
+    assert " [" in summary  # 2 repeats give an interval
     assert not _own_namespaces()
 
 
@@ -153,13 +173,15 @@ def test_vm_sweep_measures_every_mode_on_one_stock_kernel(
     if os.geteuid() != 0 or vm.preflight():
         pytest.skip(vm.preflight() or "needs root")
     code = main(["scale", str(CONFIG), "--only", "vm", "--out", str(tmp_path),
-                 "--set", "vm.services=[10, 30]", "--set", "vm.connects=10"])
+                 "--set", "vm.services=[10, 30]", "--set", "vm.connects=10",
+                 "--set", "repeats=2"])
     folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     manifest, points = _load(folder)
     assert manifest["placements"]["vm"]["accel"] in ("kvm", "tcg")
-    assert set(points["mode"]) == {"iptables", "nftables", "ipvs-rr"}
-    assert len(points) == 6 and (points["placement"] == "vm").all()
+    assert set(points["mode"]) == {"iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"}
+    assert len(points) == 5 * 2 * 2 and (points["placement"] == "vm").all()
+    assert sorted(set(points["repeat"])) == [1, 2]
     assert (points["kernel"] == manifest["placements"]["vm"]["kernel"]).all()
     for accepted in points["accepted"]:
         assert sum(accepted) > 0
