@@ -111,7 +111,7 @@ def figure_png(table: pd.DataFrame) -> bytes:
                 low = (line[column] - line[f"{column}_low"]).fillna(0)
                 high = (line[f"{column}_high"] - line[column]).fillna(0)
                 ax.errorbar(line["services"], line[column], yerr=[low, high],
-                            fmt=styles.get(place, "-o"), color=mode_colour(mode), capsize=3,
+                            fmt=styles.get(place, "-o"), color=mode_colour(str(mode)), capsize=3,
                             markersize=4, linewidth=1.2, label=f"{mode}, {place}")
             ax.set(xscale="log", yscale="log", ylabel=label,
                    xlabel=f"Services ({table['endpoints'].iloc[0]} endpoints each)")
