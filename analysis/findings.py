@@ -134,7 +134,10 @@ def meaning_lines(evaluation: Evaluation) -> list[str]:
         split = [f.mode for f in evaluation.of(row) if f.agreement in ("DISAGREE", "differ")]
         if split:
             parts.append(f"The lab and the model give different verdicts in {', '.join(split)}.")
-        lines.append(f"- **{row.id}**: " + " ".join(parts or ["No verdict in any mode."]))
+        reasons = {f.not_measured for f in evaluation.of(row)}
+        none = ("No verdict in any mode: " + reasons.pop() + "." if len(reasons) == 1
+                and "" not in reasons else "No verdict in any mode.")
+        lines.append(f"- **{row.id}**: " + " ".join(parts or [none]))
     return lines
 
 
