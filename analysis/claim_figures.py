@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.claims import MODES, Evaluation, Finding, Judgement
+from analysis.claims import MODES, Evaluation, Finding, Judgement, ScaleJudgement
 from analysis.figures import (
     FigureInfo,
     _save,
@@ -58,13 +58,24 @@ def _judgement_columns(prefix: str, judgement: Judgement | None) -> dict[str, An
             f"{prefix}_note": judgement.note}
 
 
-def _kernel_columns(judgement: Judgement | None) -> dict[str, Any]:
+def _kernel_columns(judgement: Judgement | ScaleJudgement | None) -> dict[str, Any]:
     kernels = judgement.kernels if judgement else ()
     return {"lab_kernel": "; ".join(k.text() for k in kernels),
             "lab_kernel_release": "; ".join(k.release for k in kernels),
             "lab_kernel_placement": "; ".join(k.placement for k in kernels),
             "lab_kernel_accel": "; ".join(k.accel for k in kernels),
             "lab_kernel_source": "; ".join(k.source for k in kernels)}
+
+
+def _scale_columns(judgement: ScaleJudgement | None) -> dict[str, Any]:
+    """A scale claim's measurement: its run, its points as text and its verdict (the numbers
+    per repeat are in the run's measurements.csv)."""
+    if judgement is None:
+        return {"scale_run_id": None, "scale_measured": None, "scale_verdict": None,
+                "scale_note": None}
+    return {"scale_run_id": f"{judgement.experiment}/{judgement.run_id}",
+            "scale_measured": "; ".join(p.text() for p in judgement.points),
+            "scale_verdict": judgement.verdict or "", "scale_note": judgement.note}
 
 
 def claims_frame(findings: Sequence[Finding]) -> pd.DataFrame:
@@ -75,7 +86,9 @@ def claims_frame(findings: Sequence[Finding]) -> pd.DataFrame:
             "claim": finding.row.id, "article": finding.row.article,
             "holds_when": finding.row.holds_when, "judged_by": finding.claim_text,
             "metric": finding.metric, "expect": finding.expect, "mode": finding.mode,
-            **_judgement_columns("lab", finding.measured), **_kernel_columns(finding.measured),
+            **_judgement_columns("lab", finding.measured),
+            **_kernel_columns(finding.scale or finding.measured),
+            **_scale_columns(finding.scale),
             **_judgement_columns("twin", finding.twin),
             **_judgement_columns("model", finding.model),
             "lab_vs_model": finding.agreement, "not_measured": finding.not_measured,

@@ -7,7 +7,9 @@ experiments that measure it (`lab`, one per group of modes). For every claim and
 as the reports do (`analysis.report.claim_row`, one sweep point named in the catalogue), and
 sets beside it the sim run of the same experiment file (the same config, modelled) and the sim
 run at the article's scale. A lab and a model verdict that differ are flagged, never averaged.
-A mode without a lab run says why.
+A mode without a lab run says why. A row with `scale` is judged instead on the newest completed
+published `kpbench scale` run of that experiment (`analysis.scale.scale_verdict`); such runs
+have no cells and no model.
 
 Pure core: `evaluate()` returns `Finding`s; `analysis.findings` writes them.
 """
@@ -26,6 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from analysis.report import claim_row
 from analysis.runs import RunData, is_missing, point_label, prepare_run
+from analysis.scale import (
+    SCALE_RULE,
+    ScalePoint,
+    aggregate,
+    load_points,
+    scale_point,
+    scale_verdict,
+)
 from kpbench.config import ConfigError, load
 
 CATALOGUE = Path(__file__).with_name("claims.yaml")
@@ -52,6 +62,12 @@ class Source(_Strict):
     point: dict[str, Any] = Field(default_factory=dict)
 
 
+class ScaleSource(_Strict):
+    """A `kpbench scale` experiment (its folder under results/published/)."""
+
+    experiment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+
+
 class Row(_Strict):
     """One claim of the article."""
 
@@ -60,7 +76,9 @@ class Row(_Strict):
     holds_when: Literal["CONFIRMED", "REFUTED"]
     sim: Source | None = None
     lab: list[Source] = Field(default_factory=list)
+    scale: ScaleSource | None = None
     not_measured: str | None = None
+    not_modelled: str | None = None
     meaning: dict[Verdict, str]
     figures: list[FigureKind] = Field(default_factory=list)
 
@@ -69,13 +87,16 @@ class Row(_Strict):
         missing = [v for v in ("CONFIRMED", "REFUTED", "INCONCLUSIVE") if v not in self.meaning]
         if missing:
             raise ValueError(f"meaning: a sentence for {', '.join(missing)} is missing")
-        if self.sim is None and not self.lab and not self.not_measured:
-            raise ValueError("without sim and lab entries, not_measured must say why")
+        if self.sim is None and not self.lab and self.scale is None and not self.not_measured:
+            raise ValueError("without sim, lab or scale entries, not_measured must say why")
+        if self.scale is not None and (self.sim is not None or self.lab):
+            raise ValueError("scale: a scale row has no sim or lab entries (its runs have no "
+                             "cells to judge)")
         return self
 
     @property
     def pending(self) -> bool:
-        return self.sim is None and not self.lab
+        return self.sim is None and not self.lab and self.scale is None
 
 
 class Catalogue(_Strict):
@@ -110,6 +131,16 @@ def load_catalogue(path: Path = CATALOGUE) -> Catalogue:
 
 
 @dataclass(frozen=True)
+class ScaleRun:
+    """A published `kpbench scale` run as its run.json describes it."""
+
+    path: Path
+    experiment: str
+    run_id: str
+    status: str
+
+
+@dataclass(frozen=True)
 class PublishedRun:
     """A published run as its run.json describes it (loaded only when a finding needs it)."""
 
@@ -126,9 +157,15 @@ class Published:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.runs: list[PublishedRun] = []
+        self.scale_runs: list[ScaleRun] = []
         for manifest_path in sorted(root.glob("*/*/run.json")):
             try:
                 manifest = json.loads(manifest_path.read_bytes())
+                if manifest.get("kind") == "scale":
+                    self.scale_runs.append(ScaleRun(
+                        manifest_path.parent, str(manifest["experiment"]),
+                        str(manifest["run_id"]), str(manifest["status"])))
+                    continue
                 cells = manifest["cells"]
                 self.runs.append(PublishedRun(
                     manifest_path.parent, str(manifest["experiment"]), str(manifest["run_id"]),
@@ -138,6 +175,7 @@ class Published:
                 raise FindingsError(f"{manifest_path}: not a readable run manifest "
                                     f"({exc.__class__.__name__}: {exc})") from None
         self._loaded: dict[Path, RunData] = {}
+        self._scale_points: dict[Path, Any] = {}
 
     def newest(self, experiment: str, backend: str, mode: str | None = None
                ) -> PublishedRun | None:
@@ -151,6 +189,22 @@ class Published:
         if run.path not in self._loaded:
             self._loaded[run.path] = prepare_run(run.path)
         return self._loaded[run.path]
+
+    def newest_scale(self, experiment: str) -> ScaleRun | None:
+        """The newest completed scale run of `experiment`."""
+        found = [r for r in self.scale_runs if r.experiment == experiment
+                 and r.status == "COMPLETED"]
+        return max(found, key=lambda r: r.run_id, default=None)
+
+    def scale_points(self, run: ScaleRun) -> Any:
+        """The run's points over repeats (`analysis.scale.aggregate`)."""
+        if run.path not in self._scale_points:
+            try:
+                self._scale_points[run.path] = aggregate(load_points(run.path))
+            except (OSError, ValueError, KeyError) as exc:
+                raise FindingsError(f"{run.path}: not a readable scale run "
+                                    f"({exc.__class__.__name__}: {exc})") from None
+        return self._scale_points[run.path]
 
 
 # --- findings -------------------------------------------------------------------------------------
@@ -196,6 +250,28 @@ class Judgement:
         return point_label(self.params)
 
 
+@dataclass(frozen=True)
+class ScaleJudgement:
+    """The scale claim in one mode: the mode's points at the largest Services measured per
+    placement, and the verdict judged in the VM against iptables (None: not judged)."""
+
+    experiment: str
+    run_id: str
+    path: Path
+    points: tuple[ScalePoint, ...]
+    verdict: str | None
+    note: str
+
+    @property
+    def kernels(self) -> tuple[Kernel, ...]:
+        return tuple(Kernel(p.kernel, p.placement, p.accel, "point") for p in self.points)
+
+    def text(self) -> str:
+        verdict = f" **{self.verdict}**" if self.verdict else " not judged"
+        return (f"{'; '.join(p.text() for p in self.points)};{verdict} ({self.experiment}; "
+                f"{self.note})")
+
+
 @dataclass
 class Finding:
     """One claim in one mode: measured, the same experiment modelled, the article's scale
@@ -213,6 +289,7 @@ class Finding:
     no_twin: str = ""
     no_model: str = ""
     also_measured: list[str] = field(default_factory=list)
+    scale: ScaleJudgement | None = None
 
     @property
     def agreement(self) -> str:
@@ -231,6 +308,8 @@ class Finding:
     def headline_verdict(self) -> tuple[str, str] | None:
         """(verdict, 'measured' | 'modelled'): the lab's when it judged this mode, else the
         article-scale model's."""
+        if self.scale is not None and self.scale.verdict:
+            return self.scale.verdict, "measured"
         if self.measured is not None and self.measured.verdict:
             return self.measured.verdict, "measured"
         if self.model is not None and self.model.verdict:
@@ -286,6 +365,10 @@ class _Context:
         if row.pending:
             finding.not_measured = finding.no_model = row.not_measured or ""
             return finding
+        if row.scale is not None:
+            finding.no_twin = finding.no_model = row.not_modelled or "no sim experiment"
+            self.judge_scale(row.scale, row, finding)
+            return finding
         measured = []
         for number, source in enumerate(row.lab):
             run = self.published.newest(source.experiment, "lab", mode)
@@ -315,6 +398,27 @@ class _Context:
             else:
                 finding.model = self.judge(run, row.sim, mode, self.key(index, "sim"), finding)
         return finding
+
+    def judge_scale(self, source: ScaleSource, row: Row, finding: Finding) -> None:
+        run = self.published.newest_scale(source.experiment)
+        if run is None:
+            finding.not_measured = (f"no completed published run of the scale experiment "
+                                    f"{source.experiment} (results/published/"
+                                    f"{source.experiment}/<run_id>/, by `kpbench scale`)")
+            return
+        points = self.published.scale_points(run)
+        found = tuple(p for p in (scale_point(points, placement, finding.mode)
+                                  for placement in ("host", "vm")) if p is not None)
+        if not found:
+            swept = ", ".join(m for m in MODES if m in set(points["mode"]))
+            reason = f"; {row.not_measured}" if row.not_measured else ""
+            finding.not_measured = (f"not in the scale run {run.experiment}/{run.run_id} "
+                                    f"(its modes: {swept}){reason}")
+            return
+        verdict, note = scale_verdict(points, finding.mode)
+        finding.claim_text = SCALE_RULE
+        finding.scale = ScaleJudgement(run.experiment, run.run_id, run.path, found, verdict,
+                                       note)
 
     def judge(self, run: PublishedRun, source: Source, mode: str, where: str,
               finding: Finding) -> Judgement:

@@ -30,6 +30,7 @@ from analysis.claims import (
 )
 from analysis.figures import FigureInfo
 from analysis.report import METRIC_INFO
+from analysis.scale import SCALE_RULE
 
 CLAIMS_FOLDER = "claims"
 README_BEGIN = "<!-- claims-table:begin (written by `kpbench findings`; do not edit) -->"
@@ -64,8 +65,14 @@ def _judged(judgement: Judgement, digits: int, name: bool) -> str:
 
 
 def _claim_cell(row: Row, finding: Finding) -> str:
-    judged = (f" Judged by `{finding.metric} {finding.expect}`; the article holds when "
-              f"{row.holds_when}." if finding.metric else "")
+    if finding.metric:
+        judged = (f" Judged by `{finding.metric} {finding.expect}`; the article holds when "
+                  f"{row.holds_when}.")
+    elif row.scale is not None:
+        judged = (f" Measured by `kpbench scale` (mean over repeats, 95% t-interval) and "
+                  f"{SCALE_RULE}; the article holds when {row.holds_when}.")
+    else:
+        judged = ""
     return f"**{row.id}**: {row.article}.{judged}"
 
 
@@ -83,10 +90,14 @@ def table_lines(evaluation: Evaluation) -> list[str]:
         first = next((f for f in findings if f.metric), findings[0])
         for number, finding in enumerate(findings):
             digits = _digits(first)
-            measured = (_judged(finding.measured, digits, name=True) if finding.measured
-                        else f"not measured here: {finding.not_measured}")
-            kernel = "; ".join(k.text() for k in finding.measured.kernels) \
-                if finding.measured else ""
+            judged = finding.scale or finding.measured
+            if finding.scale is not None:
+                measured = finding.scale.text()
+            elif finding.measured is not None:
+                measured = _judged(finding.measured, digits, name=True)
+            else:
+                measured = f"not measured here: {finding.not_measured}"
+            kernel = "; ".join(k.text() for k in judged.kernels) if judged else ""
             twin = (_judged(finding.twin, digits, name=False) if finding.twin
                     else finding.no_twin)
             model = (_judged(finding.model, digits, name=True) if finding.model
@@ -123,7 +134,10 @@ def meaning_lines(evaluation: Evaluation) -> list[str]:
         split = [f.mode for f in evaluation.of(row) if f.agreement in ("DISAGREE", "differ")]
         if split:
             parts.append(f"The lab and the model give different verdicts in {', '.join(split)}.")
-        lines.append(f"- **{row.id}**: " + " ".join(parts or ["No verdict in any mode."]))
+        reasons = {f.not_measured for f in evaluation.of(row)}
+        none = ("No verdict in any mode: " + reasons.pop() + "." if len(reasons) == 1
+                and "" not in reasons else "No verdict in any mode.")
+        lines.append(f"- **{row.id}**: " + " ".join(parts or [none]))
     return lines
 
 
@@ -169,6 +183,9 @@ def source_lines(evaluation: Evaluation) -> list[str]:
                     key = (f"`{judgement.path.as_posix()}` ({what}, backend "
                            f"{judgement.backend})")
                     runs.setdefault(key, []).append(finding.mode)
+            if finding.scale is not None:
+                runs.setdefault(f"`{finding.scale.path.as_posix()}` (measured by "
+                                "`kpbench scale`)", []).append(finding.mode)
             if finding.also_measured:
                 runs.setdefault(f"also measured, not shown: {', '.join(finding.also_measured)}",
                                 []).append(finding.mode)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from analysis.figures import FigureInfo, make_all
 from analysis.runs import RunData, prepare_run
+from analysis.scale import is_scale_run
 
 PUBLISHED_DIR = Path("results") / "published"
 FIGURES_FOLDER = "figures"
@@ -35,12 +36,14 @@ class PublishedFigures:
 
 
 def find_published_runs(root: Path = PUBLISHED_DIR) -> list[Path]:
-    """Run folders under `root` (outside its figures folder), sorted by path."""
+    """Run folders under `root` (outside its figures folder), sorted by path; `kpbench scale`
+    runs are left out (they have no cells; their figure is the scale.png they were written
+    with)."""
     if not root.is_dir():
         return []
     figures = root / FIGURES_FOLDER
     return sorted(manifest.parent for manifest in root.rglob("run.json")
-                  if figures not in manifest.parents)
+                  if figures not in manifest.parents and not is_scale_run(manifest.parent))
 
 
 def regenerate(root: Path = PUBLISHED_DIR) -> tuple[Path, list[PublishedFigures]]:

@@ -10,6 +10,10 @@ runs the same probe as `python -m kpbench.lab.scale` in the kernel VM (`kpbench.
 mode (IPVS too) is measured on one stock kernel. Every row records its kernel release and, in
 the VM, its acceleration (`kvm`, or `tcg`: emulated, 15-100x slower than the host).
 
+Every point is measured `repeats` times (the whole sweep once per repeat); each row keeps its
+`repeat`, and the summary and figure give the mean over repeats with its 95% t-interval
+(`analysis.scale`).
+
 Results: `<out>/<name>/<run_id>/` with `run.json` (config, status, git, versions, host, each
 placement's kernel and accel), `points/<n>.json` (each measured point, committed as it ends),
 and when the run ends `measurements.csv`, `summary.md` and `scale.png` (`analysis.scale`).
@@ -42,7 +46,7 @@ from kpbench.results import (
     utc_now,
 )
 
-ScaleMode = Literal["iptables", "nftables", "ipvs-rr"]
+ScaleMode = Literal["iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh"]
 Placement = Literal["host", "vm"]
 HOST_TOOLS = {"ip": "iproute2", "iptables-restore": "iptables", "nft": "nftables"}
 IPVS_TOOLS = {"ipvsadm": "ipvsadm", "ipset": "ipset"}
@@ -77,6 +81,7 @@ class ScaleConfig(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=100)
     description: str = ""
     endpoints_per_service: int = Field(3, ge=1, le=20)
+    repeats: int = Field(3, ge=1, le=50)
     host: Sweep | None = None
     vm: Sweep | None = None
     vm_memory_mib: int = Field(2048, ge=512, le=16384)
@@ -94,11 +99,15 @@ class ScaleConfig(_Strict):
         return self
 
     def points(self, placement: Placement) -> list[Point]:
-        """Size by size, every mode at each size (so modes are measured side by side)."""
+        """The whole sweep once per repeat; within it size by size, every mode at each size
+        (so modes are measured side by side, and a repeat is not measured right after the
+        previous one: the machine's load drifting over the run widens the interval instead of
+        hiding in it)."""
         sweep = self.host if placement == "host" else self.vm
         if sweep is None:
             return []
-        return [Point(mode, size, self.endpoints_per_service, sweep.connects)
+        return [Point(mode, size, self.endpoints_per_service, sweep.connects, repeat)
+                for repeat in range(1, self.repeats + 1)
                 for size in sweep.services for mode in sweep.modes]
 
 
@@ -242,7 +251,7 @@ def run_vm(config: ScaleConfig, commit: Callable[[dict[str, Any]], None],
             row = json.loads(line.removeprefix(ROW_PREFIX))
             commit({"placement": "vm", "accel": accel, **row})
             say(f"vm ({kernel.release}, {accel}): {row['mode']} at {row['services']:,} "
-                f"services measured")
+                f"services measured (repeat {row['repeat']})")
         elif line.startswith(ERROR_PREFIX):
             errors.append(line.removeprefix(ERROR_PREFIX))
         else:
@@ -265,7 +274,8 @@ def run_scale(config: ScaleConfig, out: Path, say: Callable[[str], None]) -> Out
     def commit(row: dict[str, Any]) -> None:
         folder.commit(row)
         if row["placement"] == "host":
-            say(f"host ({row['kernel']}): {row['mode']} at {row['services']:,} services: sync "
+            say(f"host ({row['kernel']}), repeat {row['repeat']}: {row['mode']} at "
+                f"{row['services']:,} services: sync "
                 f"{row['sync_seconds']:.3f} s, connect median {row['connect_median_us']:.0f} µs")
 
     status, error = "COMPLETED", None

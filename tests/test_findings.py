@@ -257,3 +257,94 @@ def test_the_committed_claims_table_is_what_the_published_runs_give(
     assert [f.name for f in figures] == ["claims", "rolling-update-pod-load", "hpa-new-pod-share"]
     for first, second in zip(figures, again, strict=True):
         assert first.path.read_bytes() == second.path.read_bytes(), first.name
+
+
+# --- the scale claim, on synthetic `kpbench scale` runs -------------------------------------------
+
+
+def _scale_run(root: Path, run_id: str, status: str, rows: list[dict]) -> Path:
+    folder = root / "scale" / run_id
+    (folder / "points").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(
+        {"kind": "scale", "experiment": "scale", "run_id": run_id, "status": status,
+         "placements": {}}))
+    for number, row in enumerate(rows, start=1):
+        (folder / "points" / f"{number:05d}.json").write_text(json.dumps(row))
+    return folder
+
+
+SCALE_ROW = {"id": "ipvs-scalability", "article": "ipvs scales", "scale": {"experiment": "scale"},
+             "not_measured": "the scheduler does not change the rules",
+             "not_modelled": "not modelled (the simulator has no timing of rule programming)"}
+
+
+def test_the_scale_claim_per_mode_with_its_kernels_and_the_vm_verdict(tmp_path: Path) -> None:
+    from analysis.published import find_published_runs
+
+    from .test_scale import synthetic_rows
+
+    slow, fast = ([500, 510, 520], [8.0, 8.5, 9.0], [20.0, 21.0, 22.0]), \
+        ([300, 305, 310], [25.0, 26.0, 27.0], [10.0, 10.5, 11.0])
+    rows = [*synthetic_rows("host", "iptables", 100, *fast),
+            *synthetic_rows("host", "iptables", 3000, *slow),
+            *synthetic_rows("host", "nftables", 3000, *fast),
+            *synthetic_rows("vm", "iptables", 300, *slow),
+            *synthetic_rows("vm", "nftables", 300, *fast),
+            *synthetic_rows("vm", "ipvs-rr", 300, *fast),
+            *synthetic_rows("vm", "ipvs-lc", 300, *slow)]
+    published, experiments, readme, catalogue = _tree(tmp_path, _rows(
+        SCALE_ROW, {"id": "rollout", "article": "a rollout unbalances", "sim": ROLLOUT}))
+    _copy_runs(published, ROLLING_SIM)
+    _scale_run(published, "20261201T000000Z-aaaaaa", "COMPLETED", rows)
+    _scale_run(published, "20261130T000000Z-bbbbbb", "COMPLETED", rows[:3])  # older
+    _scale_run(published, "20261202T000000Z-cccccc", "INTERRUPTED", rows[:1])  # not complete
+    written = write_findings(published, readme, experiments, catalogue)
+    found = {f.mode: f for f in written.evaluation.findings if f.row.id == "ipvs-scalability"}
+
+    ipt = found["iptables"].scale
+    assert ipt is not None and ipt.run_id == "20261201T000000Z-aaaaaa" and ipt.verdict is None
+    assert [(p.placement, p.services, p.repeats) for p in ipt.points] == [
+        ("host", 3000, 3), ("vm", 300, 3)]  # the largest measured per placement
+    assert [k.text() for k in ipt.kernels] == ["host 6.18.44", "VM 6.1.0-57-amd64 (tcg)"]
+    assert ipt.points[0].connect_us.mean == pytest.approx(510)
+    rr = found["ipvs-rr"].scale
+    assert rr is not None and rr.verdict == "REFUTED"  # faster connects, slower full sync
+    assert "connect latency better, full sync worse, incremental sync better" in rr.note
+    lc = found["ipvs-lc"].scale
+    assert lc is not None and lc.verdict == "INCONCLUSIVE"  # the same timings as iptables
+    sh = found["ipvs-sh"]
+    assert sh.scale is None and sh.not_measured == (
+        "not in the scale run scale/20261201T000000Z-aaaaaa (its modes: iptables, nftables, "
+        "ipvs-rr, ipvs-lc); the scheduler does not change the rules")
+    for finding in found.values():
+        assert finding.measured is None and finding.twin is None and finding.model is None
+        assert finding.no_model == finding.no_twin == SCALE_ROW["not_modelled"]
+    assert found["ipvs-rr"].headline_verdict == ("REFUTED", "measured")
+
+    table = readme.read_text()
+    assert ("VM 6.1.0-57-amd64 (tcg), 300 Services, 3 repeats: connect 305 [293, 317] µs, "
+            "full sync 26.00 [23.52, 28.48] s") in table
+    assert "| ipvs-rr |" in table and "**REFUTED** (scale; against iptables in VM" in table
+    assert "not modelled (the simulator has no timing of rule programming)" in table
+    assert "Measured REFUTED in ipvs-rr: it does not." in table
+    claims = pd.read_csv(written.folder / "claims.csv")
+    chosen = claims[claims["claim"] == "ipvs-scalability"].set_index("mode")
+    assert chosen.loc["ipvs-rr", "scale_verdict"] == "REFUTED"
+    assert chosen.loc["iptables", "lab_kernel"] == "host 6.18.44; VM 6.1.0-57-amd64 (tcg)"
+    assert chosen["lab_mean"].isna().all()  # nothing of it is a cell's claim value
+    assert "scale/20261201T000000Z-aaaaaa" in (written.folder / "README.md").read_text()
+    # `kpbench figures` draws cell runs only; a scale run brings its own figure
+    assert [p.name for p in find_published_runs(published)] == [ROLLING_SIM.split("/")[1]]
+
+
+def test_a_scale_row_without_a_published_run_says_where_it_would_be(tmp_path: Path) -> None:
+    published, experiments, _readme, catalogue = _tree(tmp_path, _rows(SCALE_ROW))
+    published.mkdir()
+    evaluation = evaluate(load_catalogue(catalogue), published, experiments, catalogue)
+    for finding in evaluation.findings:
+        assert finding.scale is None and finding.not_measured.startswith(
+            "no completed published run of the scale experiment scale")
+    bad = _rows({**SCALE_ROW, "sim": ROLLOUT})
+    _p, _e, _r, path = _tree(tmp_path / "bad", bad)
+    with pytest.raises(Exception, match="a scale row has no sim or lab entries"):
+        load_catalogue(path)

@@ -44,7 +44,7 @@ from kpbench import ipvs
 from kpbench.lab import ipvs_rules, netns, rules
 from kpbench.lab.rules import Endpoint, Service
 
-MODES = ("iptables", "nftables", "ipvs-rr")
+MODES = ("iptables", "nftables", "ipvs-rr", "ipvs-lc", "ipvs-sh")
 SERVER_PORT = 8080
 SERVICE_PORT = 80
 CLUSTER_CIDR = "198.18.0.0/16"  # the pods; kube-proxy's local detector
@@ -64,6 +64,7 @@ class Point:
     services: int
     endpoints: int
     connects: int
+    repeat: int = 1  # which of the config's repeats of this (mode, services) this is
 
 
 # -- pure: the service table -------------------------------------------------------------------
