@@ -39,10 +39,19 @@ PUBLISHED = REPOSITORY / "results" / "published"
 EXPERIMENTS = REPOSITORY / "experiments"
 README = REPOSITORY / "README.md"
 
+
+
+def published_sim_run(experiment: str) -> str:
+    """`<experiment>/<run_id>` of the published sim run (regenerated with every model change)."""
+    (run,) = [p.parent for p in (PUBLISHED / experiment).glob("*/run.json")
+              if json.loads(p.read_text())["backend"] == "sim"]
+    return f"{experiment}/{run.name}"
+
+
 ROLLING_LAB = "rolling-update-lab/20261126T073448Z-bac2e0"
-ROLLING_SIM = "rolling-update-lab/20261129T114740Z-02a8d9"
+ROLLING_SIM = published_sim_run("rolling-update-lab")
 ROLLING_IPVS_LAB = "rolling-update-ipvs-lab/20261129T113222Z-3c35cb"
-ROLLING_IPVS_SIM = "rolling-update-ipvs-lab/20261129T114921Z-6998f4"
+ROLLING_IPVS_SIM = published_sim_run("rolling-update-ipvs-lab")
 MEANING = {"CONFIRMED": "it holds.", "REFUTED": "it does not.", "INCONCLUSIVE": "unsure."}
 
 
@@ -151,7 +160,7 @@ def test_the_newest_lab_run_is_used_and_missing_modes_say_why(tmp_path: Path) ->
          "sim": few, "lab": [few, few_ipvs]}))
     _copy_runs(published, "few-connections-lab/20261126T072112Z-45e669",
                "few-connections-lab/20261126T101650Z-a2acd0",
-               "few-connections-lab/20261129T114435Z-44fdf1")
+               published_sim_run("few-connections-lab"))
     shutil.copy(EXPERIMENTS / "lab" / "few-connections-ipvs-lab.yaml", experiments / "lab")
     evaluation = evaluate(load_catalogue(catalogue), published, experiments, catalogue)
     found = {f.mode: f for f in evaluation.findings}
