@@ -10,7 +10,7 @@ allows (Agg, fixed size and dpi, no software metadata).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,21 +194,27 @@ def ready_order_load_frame(evaluation: Evaluation) -> pd.DataFrame:
     """For each row with the ready-order-load figure and each mode measured on the lab: load
     per ready rank (mean, min and max over seeds), lab and its same-experiment model."""
     parts = []
+    for finding, data, params in _figure_runs(evaluation, "ready-order-load"):
+        pods = ready_order_load(data, finding.mode, params)
+        if not pods.empty:
+            summary = pods.groupby("ready_rank")["load"].agg(
+                seeds="size", load_mean="mean", load_min="min", load_max="max")
+            parts.append(_labelled(summary.reset_index(), finding, data))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _figure_runs(evaluation: Evaluation,
+                 figure: str) -> Iterator[tuple[Finding, RunData, dict[str, Any]]]:
+    """(finding, run, sweep point) for each lab run and its same-experiment model run of the
+    rows that draw `figure`."""
     for row in evaluation.catalogue.claims:
-        if "ready-order-load" not in row.figures:
+        if figure not in row.figures:
             continue
         for finding, lab, twin in evaluation.measured_pairs(row):
             assert finding.measured is not None
             for data in (lab, twin):
-                if data is None:
-                    continue
-                pods = ready_order_load(data, finding.mode, finding.measured.params)
-                if pods.empty:
-                    continue
-                summary = pods.groupby("ready_rank")["load"].agg(
-                    seeds="size", load_mean="mean", load_min="min", load_max="max")
-                parts.append(_labelled(summary.reset_index(), finding, data))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+                if data is not None:
+                    yield finding, data, finding.measured.params
 
 
 def _mode_panels(modes: Sequence[str], height: float) -> tuple[Figure, dict[str, Any]]:
@@ -291,17 +297,10 @@ def new_pod_share_series(data: RunData, mode: str, point: dict[str, Any]) -> pd.
 
 def new_pod_share_frame(evaluation: Evaluation) -> pd.DataFrame:
     parts = []
-    for row in evaluation.catalogue.claims:
-        if "new-pod-share" not in row.figures:
-            continue
-        for finding, lab, twin in evaluation.measured_pairs(row):
-            assert finding.measured is not None
-            for data in (lab, twin):
-                if data is None:
-                    continue
-                series = new_pod_share_series(data, finding.mode, finding.measured.params)
-                if not series.empty:
-                    parts.append(_labelled(series.reset_index(), finding, data))
+    for finding, data, params in _figure_runs(evaluation, "new-pod-share"):
+        series = new_pod_share_series(data, finding.mode, params)
+        if not series.empty:
+            parts.append(_labelled(series.reset_index(), finding, data))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

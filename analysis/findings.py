@@ -11,7 +11,6 @@ so regenerating from the same runs gives the same tables.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from analysis.claims import (
     value_text,
 )
 from analysis.figures import FigureInfo
+from analysis.published import rebuilt_folder
 from analysis.report import METRIC_INFO
 from analysis.scale import SCALE_RULE
 
@@ -235,22 +235,11 @@ def write_findings(published: Path = Path("results") / "published",
     evaluation = evaluate(catalogue, published, experiments, catalogue_path)
     new_readme = replace_block(readme_text, block(evaluation), readme)
     target = published / CLAIMS_FOLDER
-    staging = published / f".{CLAIMS_FOLDER}.{os.getpid()}.tmp"
-    previous = published / f".{CLAIMS_FOLDER}.{os.getpid()}.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with rebuilt_folder(target) as staging:
         claims = claims_frame(evaluation.findings)
         write_csv(claims, staging / "claims.csv")
         figures = make_figures(evaluation, claims, staging)
         (staging / "README.md").write_text(report_markdown(evaluation, figures))
-        if target.exists():
-            os.rename(target, previous)
-        os.rename(staging, target)
-        shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if new_readme != readme_text:
         _write_atomic(readme, new_readme)
     figures = [FigureInfo(f.name, f.title, f.caption, target / f.path.name) for f in figures]

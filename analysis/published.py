@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +56,8 @@ def regenerate(root: Path = PUBLISHED_DIR) -> tuple[Path, list[PublishedFigures]
             f"no published runs under {root}/: commit a results folder there "
             "(e.g. results/published/<experiment>/<run_id>/) to publish its figures")
     target = root / FIGURES_FOLDER
-    staging = root / f".{FIGURES_FOLDER}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     published: list[PublishedFigures] = []
-    try:
+    with rebuilt_folder(target) as staging:
         used: set[str] = set()
         for path in paths:
             data = prepare_run(path)
@@ -69,7 +68,19 @@ def regenerate(root: Path = PUBLISHED_DIR) -> tuple[Path, list[PublishedFigures]
             figures = make_all([data], staging / folder)
             published.append(PublishedFigures(data, folder, figures))
         (staging / "README.md").write_text(index_markdown(published, root))
-        previous = root / f".{FIGURES_FOLDER}.{os.getpid()}.old"
+    return target / "README.md", published
+
+
+@contextmanager
+def rebuilt_folder(target: Path) -> Iterator[Path]:
+    """A staging folder beside `target` to fill; swapped in for `target` when the block ends,
+    removed (and `target` left as it was) when it raises."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    previous = target.with_name(f".{target.name}.{os.getpid()}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
         if target.exists():
             os.rename(target, previous)
         os.rename(staging, target)
@@ -77,7 +88,6 @@ def regenerate(root: Path = PUBLISHED_DIR) -> tuple[Path, list[PublishedFigures]
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target / "README.md", published
 
 
 def index_markdown(published: list[PublishedFigures], root: Path) -> str:

@@ -96,7 +96,8 @@ class Destination:
 
 
 def endpoint_address(endpoint: int) -> tuple[int, int]:
-    """The (IPv4 address, port) the model gives an endpoint: 198.18.128.0 + id, port 8080."""
+    """A standalone selector's (IPv4 address, port) of an endpoint: 198.18.128.0 + id, port 8080.
+    The simulator passes the pods' real plan instead (`kpbench.addresses`)."""
     return (198 << 24) + (18 << 16) + (128 << 8) + endpoint, SERVER_PORT
 
 
@@ -473,7 +474,7 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
 
 
 def make_selector(mode: str, rng: random.Random,
-                  address_of: Callable[[int], tuple[int, int]] = endpoint_address) -> Selector:
+                  address_of: Callable[[int], tuple[int, int]]) -> Selector:
     if mode in ("iptables", "nftables"):
         return RandomSelector(rng)
     if mode.startswith("ipvs-"):
