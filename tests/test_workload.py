@@ -44,6 +44,16 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+def stop_busiest(servers: list[Started], protocol: str = "http", timeout: float = 10) -> tuple[int, float]:
+    """SIGTERM the server holding the most connections (the balancer picks at random, so any
+    one server may hold none); return its index and the connections it held."""
+    held = active(servers, protocol)
+    victim = max(range(len(servers)), key=held.__getitem__)
+    servers[victim].process.send_signal(signal.SIGTERM)
+    assert servers[victim].process.wait(timeout=timeout) == 0
+    return victim, held[victim]
+
+
 def run_workload(
     processes: Processes, tmp_path: Path, workload: dict[str, Any], host: str, run_time: float,
     during: Callable[[subprocess.Popen[str]], None] | None = None,
@@ -209,23 +219,23 @@ def test_http_sigterm_moves_clients_without_failures(processes: Processes,
     servers, balancer = servers_behind_balancer(
         processes, 3, "--grpc-port", "off", "--shutdown-drain-seconds", "0.5")
     users = 30
-    victim_held: list[float] = []
+    stopped: list[tuple[int, float]] = []
 
     def during(_: subprocess.Popen[str]) -> None:
         wait_until(lambda: sum(active(servers)) == users)
-        victim_held.append(active(servers)[0])
-        servers[0].process.send_signal(signal.SIGTERM)
-        assert servers[0].process.wait(timeout=5) == 0
-        wait_until(lambda: sum(active(servers[1:])) == users)
+        stopped.append(stop_busiest(servers, timeout=5))
+        survivors = [s for i, s in enumerate(servers) if i != stopped[0][0]]
+        wait_until(lambda: sum(active(survivors)) == users)
 
     summary = run_workload(processes, tmp_path, {"connections": users, "requests_per_second": 4},
                            f"http://127.0.0.1:{balancer.port}", 6, during)
     closed = summary["connections"]["closed"]
-    assert victim_held[0] > 0
-    assert closed["server-shutdown"] + closed["reset"] == victim_held[0]
-    assert summary["requests"]["failed"] <= victim_held[0] * 0.2  # only in-flight ones may fail
-    assert summary["connections"]["opened"] == users + victim_held[0]
-    assert summary["connections"]["open_at_stop_by_pod"].get("pod-0", 0) == 0
+    victim, held = stopped[0]
+    assert held > 0
+    assert closed["server-shutdown"] + closed["reset"] == held
+    assert summary["requests"]["failed"] <= held * 0.2  # only in-flight ones may fail
+    assert summary["connections"]["opened"] == users + held
+    assert summary["connections"]["open_at_stop_by_pod"].get(f"pod-{victim}", 0) == 0
 
 
 def test_http_max_connection_age_is_honoured(processes: Processes, tmp_path: Path) -> None:
@@ -307,24 +317,23 @@ def test_grpc_sigterm_and_periodic_reconnect(processes: Processes, tmp_path: Pat
     servers, balancer = servers_behind_balancer(processes, 3, "--shutdown-drain-seconds", "0.5",
                                                 grpc=True)
     users = 12
-    victim_held: list[float] = []
+    stopped: list[tuple[int, float]] = []
 
     def during(_: subprocess.Popen[str]) -> None:
         # >=: a periodic reconnect may overlap its successor for a moment
         wait_until(lambda: sum(active(servers, "grpc")) >= users)
-        victim_held.append(active(servers, "grpc")[0])
-        servers[0].process.send_signal(signal.SIGTERM)
-        assert servers[0].process.wait(timeout=10) == 0
+        stopped.append(stop_busiest(servers, "grpc"))
 
     summary = run_workload(processes, tmp_path, {
         "connections": users, "requests_per_second": 5, "protocol": "grpc",
         "reconnect": {"policy": "periodic", "seconds": 2.0},
     }, grpc_host(balancer), 6, during)
     closed = summary["connections"]["closed"]
-    assert closed["server-shutdown"] + closed["reset"] >= victim_held[0] > 0
+    victim, held = stopped[0]
+    assert closed["server-shutdown"] + closed["reset"] >= held > 0
     assert closed["reconnect"] > 0
-    assert summary["requests"]["failed"] <= victim_held[0] * 0.2
-    assert summary["connections"]["open_at_stop_by_pod"].get("pod-0", 0) == 0
+    assert summary["requests"]["failed"] <= held * 0.2
+    assert summary["connections"]["open_at_stop_by_pod"].get(f"pod-{victim}", 0) == 0
 
 
 # -- load events ----------------------------------------------------------------------------------
