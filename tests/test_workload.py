@@ -44,7 +44,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def stop_busiest(servers: list[Started], protocol: str = "http", timeout: float = 10) -> tuple[int, float]:
+def stop_busiest(servers: list[Started], protocol: str = "http",
+                 timeout: float = 10) -> tuple[int, float]:
     """SIGTERM the server holding the most connections (the balancer picks at random, so any
     one server may hold none); return its index and the connections it held."""
     held = active(servers, protocol)
