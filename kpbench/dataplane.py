@@ -12,7 +12,8 @@ Rules / theory of operation (sources in the README's "Model" section):
   connections. nftables: `numgen random mod n vmap`, the same distribution from one draw.
 * IPVS (`IpvsSelector`): each rule, with the kernel or kube-proxy source it follows, is in its
   docstring; `kpbench.conformance` checks every decision and counter against a real kernel.
-* `pick` returns an endpoint id, or None when the data plane refuses the connection.
+* `pick` returns an endpoint id, or None when the data plane refuses the connection; the client
+  hears of a refusal only as `IcmpRateLimit` lets it.
 """
 
 from __future__ import annotations
@@ -471,6 +472,37 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
             filled += 1
             if filled == size:
                 return table
+
+
+ICMP_RATELIMIT_SECONDS = 1.0  # net.ipv4.icmp_ratelimit: 1000 ms (net/ipv4/icmp.c)
+XRLIM_BURST_FACTOR = 6  # net/ipv4/inetpeer.c
+
+
+class IcmpRateLimit:
+    """One node's limit on ICMP errors per destination address (`icmpv4_xrlim_allow`).
+
+    A connection the data plane refuses (IPVS: no destination, or a weight-0 one in sh/mh,
+    `ip_vs_leave`; iptables/nftables: the no-endpoints REJECT) is answered with an ICMP port
+    unreachable from `icmp_send`, which dest-unreachable errors reach only through a token bucket
+    per destination address (`inet_peer_xrlim_allow`, `net/ipv4/inetpeer.c`): one token per
+    `icmp_ratelimit`, at most `XRLIM_BURST_FACTOR` saved, and a new peer starts full. A refusal
+    without a token is a silent drop: the client's SYN is retransmitted. Each node's network
+    namespace has its own peers.
+    """
+
+    def __init__(self, interval: float = ICMP_RATELIMIT_SECONDS) -> None:
+        # Whole microseconds, as the kernel counts whole jiffies: no rounding drift.
+        self.interval = round(interval * 1e6)
+        self._tokens: dict[int, tuple[int, int]] = {}  # address -> (tokens, last), in µs
+
+    def allow(self, address: int, now: float) -> bool:
+        now_us = round(now * 1e6)
+        cap = XRLIM_BURST_FACTOR * self.interval
+        tokens, last = self._tokens.get(address, (cap, now_us))
+        tokens = min(tokens + now_us - last, cap)
+        allowed = tokens >= self.interval
+        self._tokens[address] = (tokens - self.interval if allowed else tokens, now_us)
+        return allowed
 
 
 def make_selector(mode: str, rng: random.Random,

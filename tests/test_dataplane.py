@@ -14,6 +14,7 @@ from kpbench.dataplane import (
     MH_KEY_1,
     MH_TABLE_SIZE,
     SH_BUCKETS,
+    IcmpRateLimit,
     IpvsSelector,
     RandomSelector,
     endpoint_address,
@@ -265,3 +266,12 @@ def test_picks_follow_the_rule_over_the_whole_list_under_churn(
         for _ in range(rng.randint(0, 6)):
             if held:
                 ipvs.closed(held.pop(rng.randrange(len(held))), now, reset=rng.random() < 0.2)
+
+
+def test_icmp_rate_limit_is_a_burst_of_six_then_one_per_second_per_address() -> None:
+    limit = IcmpRateLimit()
+    assert [limit.allow(1, 0.01 * i) for i in range(8)] == [True] * 6 + [False] * 2
+    assert limit.allow(2, 0.1)  # another client's address has its own bucket
+    assert not limit.allow(1, 0.9) and limit.allow(1, 1.0) and not limit.allow(1, 1.5)
+    assert sum(limit.allow(1, 2.0 + 0.25 * i) for i in range(40)) == 10  # 1/s while busy
+    assert [limit.allow(1, 100.0) for _ in range(7)] == [True] * 6 + [False]  # refilled to 6

@@ -329,3 +329,46 @@ events:
     recent = (end - before.reindex(end.index, fill_value=0)).sort_index()
     new = [pod for pod in recent.index if pod.startswith("backend-2-")]
     assert len(new) == 4 and recent[new].min() >= 0.8 * recent[new].max(), recent.to_dict()
+
+
+def test_refusals_reach_a_client_only_as_the_kernels_icmp_rate_limit_allows() -> None:
+    """`dataplane.IcmpRateLimit` against this host's kernel: kube-proxy's REJECT of a Service
+    without endpoints answers one client's connects with ICMP port unreachable at most as the
+    per-address token bucket allows (6 at once, then 1/s); the other SYNs are dropped silently."""
+    import errno
+    import socket
+
+    from kpbench.dataplane import IcmpRateLimit
+    from kpbench.lab import rules
+    from kpbench.lab.kube_proxy import KubeProxy
+    from kpbench.lab.netns import CLUSTER_IP, Topology, entered, run
+    from kpbench.lab.nodes import HostNodes
+
+    topology = Topology(1)
+    try:
+        topology.create()
+        client_ns, client_ip = topology.add_pod("icmp-client", 0)
+        # The ClusterIP is forwarded (as in a cluster, where the node has a default route), so
+        # the filter table's FORWARD jump reaches the REJECT.
+        run("ip", "-n", topology.node_ns(0), "route", "add", "198.19.0.0/24", "dev", "eth0")
+        service = rules.Service("kpbench", "backend", "http", CLUSTER_IP, 80)
+        KubeProxy("iptables", service, HostNodes(topology), 1).write(0, [])
+        outcomes: list[tuple[float, bool]] = []  # (seconds since the first connect, refused)
+        with entered(client_ns):
+            started = time.monotonic()
+            while (elapsed := time.monotonic() - started) < 3.0:
+                with socket.socket() as sock:
+                    sock.settimeout(0.1)  # an ICMP answer arrives within milliseconds here
+                    code = sock.connect_ex((CLUSTER_IP, 80))
+                assert code in (errno.ECONNREFUSED, errno.EAGAIN, errno.ETIMEDOUT), code
+                outcomes.append((elapsed, code == errno.ECONNREFUSED))
+    finally:
+        topology.destroy()
+    limit = IcmpRateLimit()
+    address = int.from_bytes(socket.inet_aton(client_ip), "big")
+    modelled = [limit.allow(address, t) for t, _ in outcomes]
+    measured = [refused for _, refused in outcomes]
+    assert measured[:6] == [True] * 6 and not measured[6]
+    assert len(outcomes) > 20
+    # Timing at the bucket's boundaries (jiffies, the 0.1 s attempts) may move one answer.
+    assert abs(sum(measured) - sum(modelled)) <= 1, (sum(measured), sum(modelled), outcomes)

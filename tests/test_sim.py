@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 from typing import Any
 
 import numpy as np
@@ -171,6 +172,25 @@ def test_sh_refuses_connections_of_clients_hashed_to_a_terminating_pod() -> None
                       events=[{"at": 30, "action": "rollout"}])
     failed = result.events[result.events["event"] == "connection_failed"]
     assert (failed["detail"].str.contains("refused by data plane")).any()
+
+
+def test_refused_clients_hear_of_it_only_as_the_icmp_rate_limit_allows() -> None:
+    # The only pod is killed at 10 s and its replacement is ready about 40 s later: meanwhile
+    # the node REJECTs every connect of the one client pod's 5 users.
+    result = simulate("iptables", duration_seconds=90, cluster__nodes=1, backend__replicas=1,
+                      backend__startup_seconds=40, workload__clients=1, workload__connections=5,
+                      events=[{"at": 10, "action": "kill-pod"}])
+    ready = result.events[result.events["event"] == "pod_ready"]["t"].max()
+    failed = result.events[result.events["event"] == "connection_failed"]
+    counts = failed["detail"].map(json.loads).map(lambda d: (d["reason"], d["count"]))
+    refused = sum(n for reason, n in counts if reason == "refused by data plane")
+    timed_out = sum(n for reason, n in counts if reason.startswith("timed out"))
+    window = ready - 10
+    assert 6 + window - 2 <= refused <= 6 + window + 1  # a burst of 6, then one per second
+    # the other 4 users time out once per connect timeout (10 s) each
+    assert 4 * (window // 10) - 1 <= timed_out <= 5 * (window // 10 + 1)
+    # a connect whose last SYN went out before the endpoint was synced still times out
+    assert failed["t"].max() <= ready + 10 and len(end_counts(result)) == 1
 
 
 def test_l7_proxy_balances_requests_per_pod() -> None:

@@ -69,14 +69,14 @@ DIGESTS: dict[str, dict[str, str]] = {
         "samples": "76dc7e004ca3a4e2"
     },
     "ipvs-mh/churn": {
-        "connections": "b4cf9058afb21f80",
-        "events": "973e10801fd8eb3a",
-        "samples": "d78350ef833a6ddb"
+        "connections": "acdad7291902b74d",
+        "events": "3d77c0b0522afe0a",
+        "samples": "d1eaa10174da2cf1"
     },
     "ipvs-mh/long-lived": {
-        "connections": "32e39f9bd8b5f9b2",
-        "events": "8e3e71eaf510b0fd",
-        "samples": "068912e0b7fbadb0"
+        "connections": "6172e5b8e5bae0ee",
+        "events": "73fb4541cfa00827",
+        "samples": "6f9717b830df5798"
     },
     "ipvs-rr/churn": {
         "connections": "a916da8aeb2e18b4",
@@ -89,14 +89,14 @@ DIGESTS: dict[str, dict[str, str]] = {
         "samples": "3762e85145c9b99a"
     },
     "ipvs-sh/churn": {
-        "connections": "1035382dd294222c",
-        "events": "10229b819f4703a2",
-        "samples": "8a9bc52e38536899"
+        "connections": "00ef5f401deaed6f",
+        "events": "73f10149f970b6d8",
+        "samples": "d30e67a5f506ca8e"
     },
     "ipvs-sh/long-lived": {
-        "connections": "8695c056233e31cd",
-        "events": "46248bb998068ef0",
-        "samples": "e8cb45af6a05239b"
+        "connections": "89f3e1f06f6b0f6d",
+        "events": "35d839f50b2f7680",
+        "samples": "0962d79d9643a94a"
     },
     "ipvs-wlc/churn": {
         "connections": "7ce7edaa3577271d",

@@ -7,13 +7,16 @@ component spawned from the cell's seed, so a seed always gives the same cell.
 
 Clients: `workload.connections` users, each holding one connection at a time, spread round-robin
 over `workload.clients` client pods, which are spread round-robin over the nodes. A user opens its
-connection through its node's data plane; if the data plane refuses it, or the chosen pod no
-longer accepts (a stale view), the attempt counts as failed and is retried at the next paced
-request (1 / requests_per_second later). A connection ends at the first of: its lifetime, the
-reconnect policy, the server's max connection age, or its pod shutting down (the server closes
-keep-alive connections on SIGTERM, announcing it on the client's next response, and the client
-reconnects for the request after that). Requests are not
-simulated one by one: a request clock advances at the per-connection rate and each connection's
+connection through its node's data plane. If the chosen pod no longer accepts (a stale view) its
+kernel resets the connect; if the data plane refuses it, the node answers with an ICMP port
+unreachable as far as its per-client rate limit allows (`dataplane.IcmpRateLimit`) and drops the
+SYN otherwise, so the client retransmits its SYN (`SYN_RETRANSMITS`, each through the data plane
+again) until the connect times out. A reset or refused connect is retried at the next paced
+request (1 / requests_per_second later), a timed-out one at once. A connection ends at the first
+of: its lifetime, the reconnect policy, the server's max connection age, or its pod shutting down
+(the server closes keep-alive connections on SIGTERM, announcing it on the client's next
+response, and the client reconnects for the request after that). Requests are not simulated one
+by one: a request clock advances at the per-connection rate and each connection's
 count is the clock's advance while it was open. Behind the L7 proxy, the proxies hold one
 upstream connection per backend pod and spread requests evenly over the pods in their view.
 """
@@ -47,9 +50,17 @@ from kpbench.config import (
     Experiment,
 )
 from kpbench.schedule import Kind
+from kpbench.workload.plan import REQUEST_TIMEOUT_SECONDS
 
 SHUTDOWN_SECONDS = 1.0  # SIGTERM -> connections closed -> process exits (within the grace period)
 EPHEMERAL_PORTS = (32768, 60999)
+# A client's SYN retransmissions, seconds after its first SYN: TCP_TIMEOUT_INIT (1 s,
+# include/net/tcp.h), doubled at each retransmission (net/ipv4/tcp_timer.c), within the
+# workload's connect timeout.
+SYN_RETRANSMITS = tuple(t for t in (1.0, 3.0, 7.0, 15.0) if t < REQUEST_TIMEOUT_SECONDS)
+REFUSED, TIMED_OUT = -1, -2  # `failed` keys of connects that never reached a pod
+FAILURE_REASONS = {REFUSED: "refused by data plane",
+                   TIMED_OUT: "timed out (refusals beyond the ICMP rate limit)"}
 
 # The dynamic event kinds of kpbench.schedule, as plain ints for the hot loop's heap tuples.
 (OPEN, CLOSE, SYNC, READY, DELETED, RAMP, RECONCILE, PUBLISH, UPDATE, APPLY) = (
@@ -136,6 +147,7 @@ class Simulation:
                                     self.endpoint_address)
             for _ in range(self.nodes)
         ]
+        self.icmp_limits = [dataplane.IcmpRateLimit() for _ in range(self.nodes)]
         self.ipvs = cell.mode.startswith("ipvs-")
         self.rng_ipvs_order = [control.stream(cell.seed, control.STREAM_IPVS_ORDER, node)
                                for node in range(self.nodes)]
@@ -187,6 +199,7 @@ class Simulation:
         self.user_opened: list[float] = []
         self.user_clock: list[float] = []
         self.user_conn: list[int] = []
+        self.user_connecting: list[float] = []  # first SYN of the connect under way, or -1
         self.wanted_users = 0
         self.ramps: list[tuple[int, int, float, float]] = []  # (first user, count, began, over)
         self.next_conn_id = 0
@@ -414,6 +427,7 @@ class Simulation:
             self.user_opened.append(0.0)
             self.user_clock.append(0.0)
             self.user_conn.append(-1)
+            self.user_connecting.append(-1.0)
         self.wanted_users = len(self.user_node)
         self.ramps.append((first, count, self.now, over_seconds))
         self.at(self.now, RAMP, first, len(self.ramps) - 1)
@@ -438,14 +452,23 @@ class Simulation:
             self.advance_proxy_clock(now)
             self.connected_users += 1
         else:
-            selector = self.selectors[self.user_node[user]]
+            node = self.user_node[user]
+            selector = self.selectors[node]
+            first_syn = self.user_connecting[user]
+            if first_syn >= 0 and now >= first_syn + REQUEST_TIMEOUT_SECONDS:
+                self.connect_failed(user, gen, TIMED_OUT, now, retry_at=now)
+                return
             port = self.rng_workload.randint(*EPHEMERAL_PORTS) if self.hashes_ports else 0
             chosen = selector.pick(self.user_ip[user], port, now)
-            if chosen is None or not self.accepting[chosen]:
-                key = (int(now / self.cfg.sample_seconds), -1 if chosen is None else chosen)
-                self.failed[key] = self.failed.get(key, 0) + 1
-                self.seq += 1
-                heapq.heappush(self.heap, (now + 1.0 / self.rps, self.seq, OPEN, user, gen))
+            if chosen is None:
+                if self.icmp_limits[node].allow(self.user_ip[user], now):
+                    self.connect_failed(user, gen, REFUSED, now, retry_at=now + 1.0 / self.rps)
+                else:  # the refusal is dropped silently: the client retransmits its SYN
+                    self.retransmit_syn(user, gen, now)
+                return
+            self.user_connecting[user] = -1.0
+            if not self.accepting[chosen]:  # the pod's kernel answers with a reset
+                self.connect_failed(user, gen, chosen, now, retry_at=now + 1.0 / self.rps)
                 return
             pod = chosen
             selector.opened(pod, now)
@@ -465,6 +488,25 @@ class Simulation:
             if end < self.cfg.duration_seconds:
                 self.seq += 1
                 heapq.heappush(self.heap, (end, self.seq, CLOSE, user, gen * 8 + _REASON[reason]))
+
+    def connect_failed(self, user: int, gen: int, cause: int, now: float,
+                       retry_at: float) -> None:
+        """Count a failed connect (`cause`: REFUSED, TIMED_OUT or the pod that reset it) and
+        retry at the user's next paced request."""
+        self.user_connecting[user] = -1.0
+        key = (int(now / self.cfg.sample_seconds), cause)
+        self.failed[key] = self.failed.get(key, 0) + 1
+        self.seq += 1
+        heapq.heappush(self.heap, (retry_at, self.seq, OPEN, user, gen))
+
+    def retransmit_syn(self, user: int, gen: int, now: float) -> None:
+        first_syn = self.user_connecting[user]
+        if first_syn < 0:
+            first_syn = self.user_connecting[user] = now
+        due = next((first_syn + t for t in SYN_RETRANSMITS if first_syn + t > now),
+                   first_syn + REQUEST_TIMEOUT_SECONDS)
+        self.seq += 1
+        heapq.heappush(self.heap, (due, self.seq, OPEN, user, gen))
 
     def connection_end(self, now: float) -> tuple[float, str]:
         workload, rng = self.cfg.workload, self.rng_workload
@@ -581,6 +623,7 @@ class Simulation:
                     self.close_connection(user, "load-change")
                 else:
                     self.user_gen[user] += 1
+                    self.user_connecting[user] = -1.0
 
     def hpa_sync(self) -> None:
         assert self.autoscaler is not None and self.metrics_server is not None
@@ -740,7 +783,7 @@ class Simulation:
                 "connection_failed",
                 self.pods[pod].name if pod >= 0 else "",
                 json.dumps({"count": count,
-                            "reason": "refused by data plane" if pod < 0 else "pod not accepting"}),
+                            "reason": FAILURE_REASONS.get(pod, "pod not accepting")}),
             ))
         events = pd.DataFrame(self.event_rows, columns=["t", "event", "pod", "detail"])
         events = events.sort_values("t", kind="stable").reset_index(drop=True)

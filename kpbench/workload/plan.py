@@ -18,6 +18,9 @@ Connection ends, mirroring `kpbench.backends.sim`:
 - `load-change`: closed because a `load` event lowered the number of connections.
 - `end`: closed because the run ended.
 
+A failed connect is retried at the next paced request, which after a connect timeout is due at
+once.
+
 `load` events are followed by the workload itself, on its own clock (t = 0 when Locust starts
 the test, which is when the cell's clients start their ramp): each user paces its requests at
 `requests_per_second_at(t)`, and when the events change `connections` the master's load shape
@@ -34,6 +37,9 @@ from typing import Any
 from kpbench.config import CLOSE_REASONS, Experiment
 
 SILENT_MAX_AGE_FRACTION = 0.9
+# A request, and an HTTP connect (or a gRPC channel's first call), gives up after this long: a
+# connect whose SYNs the node drops silently fails as a timeout then (the simulator follows it).
+REQUEST_TIMEOUT_SECONDS = 10.0
 SUMMARY_FORMAT = "kpbench-workload-summary/1"
 
 

@@ -30,13 +30,11 @@ from locust import User, task
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING
 
 from kpbench.workload.http1 import ConnectionLost, Http1Connection
-from kpbench.workload.plan import CLOSE_REASONS, Tally, WorkloadPlan
+from kpbench.workload.plan import CLOSE_REASONS, REQUEST_TIMEOUT_SECONDS, Tally, WorkloadPlan
 
 POD_HEADER = "x-kpbench-pod"
 CLOSE_HEADER = "x-kpbench-close"
 GRPC_METHOD = "/kpbench.Echo/Hello"
-REQUEST_TIMEOUT_SECONDS = 10.0
-CONNECT_TIMEOUT_SECONDS = 5.0
 
 TALLY = Tally()
 
