@@ -170,7 +170,6 @@ class Simulation:
         self.l7 = cfg.workload.proxy == "l7"
         self.fanout: control.EndpointFanout | None = None
         self.applying: dict[int, control.NodeSync] = {}
-        self.applied_views: dict[int, frozenset[int]] = {}  # IPVS: each node's view, as applied
         self.surge, self.unavailable = cfg.backend.rollout.resolve(cfg.backend.replicas)
         self.replicas = cfg.backend.replicas
         self.revision = 1
@@ -373,7 +372,7 @@ class Simulation:
         )
         view = frozenset(serving)
         for consumer in range(self.fanout.consumers):
-            self.apply(consumer, control.NodeSync(0.0, view, view, None))
+            self.apply(consumer, control.NodeSync(0.0, view, view, None, joined=view))
 
     def publish(self) -> None:
         assert self.fanout is not None
@@ -398,13 +397,11 @@ class Simulation:
         """A sync completes: the node's rules (or the proxies' view) now hold `decided.view`."""
         if not self.l7:
             selector = self.selectors[consumer]
-            if self.ipvs:
-                previous = self.applied_views.get(consumer, frozenset())
+            if self.ipvs:  # each node applies its syncs in order: `joined` is since the last
                 added = control.ipvs_new_order(decided.new, self.rng_ipvs_order[consumer])
-                added += sorted(decided.view - previous - decided.new)
+                added += sorted(decided.joined - decided.new)
                 assert isinstance(selector, dataplane.IpvsSelector)
-                selector.update(added, previous - decided.view, self.now)
-                self.applied_views[consumer] = decided.view
+                selector.update(added, decided.left, self.now)
             else:
                 selector.sync(list(decided.view), self.now)
             return
