@@ -182,7 +182,7 @@ class IpvsSelector:
         # entry with its current key.
         self._heap: list[int] = []
         # sh / mh: lookup tables, rebuilt on any change.
-        self._table: list[int] = []
+        self._table: list[Destination] = []  # sh buckets / mh slots
         self._table_members: set[int] = set()  # the destinations the table was built from
         self._dirty = True
 
@@ -355,10 +355,10 @@ class IpvsSelector:
         if not self._table:
             return None
         if self.scheduler == "sh":
-            endpoint = self._table[sh_bucket(client_ip)]
+            dest = self._table[sh_bucket(client_ip)]
         else:
-            endpoint = self._table[_mh_slot((client_port + client_ip) & 0xFFFFFFFF)]
-        return endpoint if endpoint >= 0 and self.dests[endpoint].weight > 0 else None
+            dest = self._table[_mh_slot((client_port + client_ip) & 0xFFFFFFFF)]
+        return dest.endpoint if dest.weight > 0 else None
 
     def _pick_rr(self) -> int | None:
         if not self._rr_serving:
@@ -388,9 +388,8 @@ class IpvsSelector:
     def _rebuild_table(self) -> None:
         ordered = reversed(self.dests.values())  # list order, head first
         if self.scheduler == "sh":
-            members = [d.endpoint for d in islice(ordered, SH_BUCKETS)]
-            self._table = ([members[i % len(members)] for i in range(SH_BUCKETS)]
-                           if members else [])
+            dests = list(islice(ordered, SH_BUCKETS))
+            self._table = [dests[i % len(dests)] for i in range(SH_BUCKETS)] if dests else []
         else:
             # Only the first MH_TABLE_SIZE can claim a slot: the table is full after one round.
             dests = list(islice((d for d in ordered if d.last_weight > 0), MH_TABLE_SIZE))
@@ -402,9 +401,10 @@ class IpvsSelector:
                     preference = dest.mh_preference = _mh_preference((address + port)
                                                                      & 0xFFFFFFFF)
                 preferences.append(preference)
-            members = [d.endpoint for d in dests]
-            self._table = maglev_populate(members, preferences)
-        self._table_members = set(members)
+            self._table = [dests[i] for i in maglev_populate(preferences)]
+        # Between rebuilds every table entry is the listed destination of its endpoint: adding,
+        # or deleting a member, marks the table dirty.
+        self._table_members = {d.endpoint for d in dests}
         self._dirty = False
 
 
@@ -475,14 +475,14 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
 
     Destinations take turns, in list order, claiming their next preferred free slot.
     """
-    return maglev_populate([endpoint for endpoint, _, _ in dests],
-                           [_mh_preference((a + p) & 0xFFFFFFFF) for _, a, p in dests])
+    slots = maglev_populate([_mh_preference((a + p) & 0xFFFFFFFF) for _, a, p in dests])
+    return [dests[i][0] for i in slots]
 
 
-def maglev_populate(endpoints: Sequence[int],
-                    preferences: Sequence[tuple[int, int]]) -> list[int]:
-    """`maglev_table` from each destination's (offset, skip) (`_mh_preference`)."""
-    if not endpoints:
+def maglev_populate(preferences: Sequence[tuple[int, int]]) -> list[int]:
+    """`maglev_table` from each destination's (offset, skip) (`_mh_preference`), in list
+    order: each slot holds the position of its destination in `preferences`."""
+    if not preferences:
         return []
     size = MH_TABLE_SIZE
     perms = [offset for offset, _ in preferences]
@@ -490,14 +490,14 @@ def maglev_populate(endpoints: Sequence[int],
     table = [-1] * size
     filled = 0
     while True:
-        for i, endpoint in enumerate(endpoints):
+        for i in range(len(preferences)):
             slot, skip = perms[i], skips[i]
             while table[slot] >= 0:
                 slot += skip
                 if slot >= size:
                     slot -= size
             perms[i] = slot
-            table[slot] = endpoint
+            table[slot] = i
             filled += 1
             if filled == size:
                 return table
