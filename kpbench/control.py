@@ -177,12 +177,15 @@ def ipvs_new_order(new: AbstractSet[T], rng: random.Random) -> list[T]:
 @dataclass(frozen=True)
 class NodeSync:
     """What one consumer's sync decided: apply `view` at `apply_at`; `new` are the endpoints it
-    adds (for the IPVS insertion order); look again at `next_update` if not None."""
+    adds (for the IPVS insertion order); look again at `next_update` if not None. `joined` and
+    `left` are how `view` differs from the consumer's previous sync's."""
 
     apply_at: float
     view: frozenset[int]
     new: frozenset[int]
     next_update: float | None
+    joined: frozenset[int] = frozenset()
+    left: frozenset[int] = frozenset()
 
 
 class EndpointFanout:
@@ -237,7 +240,10 @@ class EndpointFanout:
                                       key=lambda v: arrivals[v][consumer])
         view = self.views[consumer]
         added: set[int] = set()
+        was_in_view: dict[int, bool] = {}  # of each endpoint this sync's changes touch
         for endpoint, is_added in self._log[self._ends[known]:self._ends[newest]]:
+            if endpoint not in was_in_view:
+                was_in_view[endpoint] = endpoint in view
             if is_added:
                 view.add(endpoint)
                 added.add(endpoint)
@@ -252,7 +258,9 @@ class EndpointFanout:
             next_update = float(arrivals[newest + 1][consumer])
         else:
             self.watching[consumer] = False
-        return NodeSync(completion, frozenset(view), frozenset(added), next_update)
+        joined = frozenset(e for e, was in was_in_view.items() if not was and e in view)
+        left = frozenset(e for e, was in was_in_view.items() if was and e not in view)
+        return NodeSync(completion, frozenset(view), frozenset(added), next_update, joined, left)
 
 
 # -- kubelet --

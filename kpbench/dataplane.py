@@ -90,6 +90,8 @@ class Destination:
     last_weight: int = 1  # the latest non-zero weight (`__ip_vs_update_dest`)
     active: int = 0
     inactive: int = 0
+    mh_preference: tuple[int, int] | None = None  # mh: (offset, skip), from its address
+
 
     @property
     def overhead(self) -> int:
@@ -159,23 +161,28 @@ class IpvsSelector:
         self.dests: dict[int, Destination] = {}
         self.trash: dict[int, Destination] = {}  # deleted, connections still bound
         self._quiesced: dict[int, Destination] = {}  # listed with weight 0
+        # quiesced and holding no connection: the next graceful pass deletes them
+        self._drained: dict[int, Destination] = {}
         self._by_seq: list[Destination | None] = []  # seq -> listed destination (None: deleted)
         # Connections waiting to expire, each queue in time order: (expires, destination).
         self._time_wait: deque[tuple[float, Destination]] = deque()
         self._close: deque[tuple[float, Destination]] = deque()
         self._graceful_period = graceful_check_seconds
         self._next_graceful_check = graceful_check_seconds
-        # rr only: seqs of listed destinations and of weight > 0 ones (ascending), the cursor's
-        # seq (None: the list head).
-        self._list_seqs: list[int] = []
+        # rr only: the seqs of destinations added with weight 1 (ascending); an entry whose
+        # destination has left or was quiesced since is stale and skipped, and the list is
+        # compacted when stale entries outnumber the `_rr_serving` live ones. The cursor: the
+        # next pick is the largest serving seq below it (None: the list head); the kernel's
+        # cursor is on the first listed destination at or above it.
         self._rr_seqs: list[int] = []
+        self._rr_serving = 0
         self._rr_cursor: int | None = None
         # lc: a heap of keys (SEQ_BITS); an entry whose destination is gone, quiesced or has
         # another overhead now is skipped lazily. Every listed weight > 0 destination has an
         # entry with its current key.
         self._heap: list[int] = []
         # sh / mh: lookup tables, rebuilt on any change.
-        self._table: list[int] = []
+        self._table: list[Destination] = []  # sh buckets / mh slots
         self._table_members: set[int] = set()  # the destinations the table was built from
         self._dirty = True
 
@@ -191,29 +198,34 @@ class IpvsSelector:
         dest.weight = dest.last_weight = 1
         self._by_seq.append(dest)
         self.dests[endpoint] = dest
-        if self._rr:  # the largest seq: appending keeps both lists sorted
-            self._list_seqs.append(dest.seq)
+        if self._rr:  # the largest seq: appending keeps the list sorted
             self._rr_seqs.append(dest.seq)
+            self._rr_serving += 1
         self._push(dest)
         self._dirty = True
 
-    def _unlist_rr(self, dest: Destination) -> None:
-        index = bisect_left(self._rr_seqs, dest.seq)
-        if index < len(self._rr_seqs) and self._rr_seqs[index] == dest.seq:
-            del self._rr_seqs[index]
+    def _unlist_rr(self) -> None:
+        """rr: a destination left the serving ones (its entry in `_rr_seqs` is now stale)."""
+        self._rr_serving -= 1
+        if len(self._rr_seqs) > 2 * self._rr_serving + 64:
+            by_seq = self._by_seq
+            self._rr_seqs = [seq for seq in self._rr_seqs
+                             if (dest := by_seq[seq]) is not None and dest.weight > 0]
 
     def _delete(self, dest: Destination) -> None:
-        if self._rr:
-            index = bisect_left(self._list_seqs, dest.seq)
-            if self._rr_cursor == dest.seq:  # ip_vs_rr_del_dest: back to the predecessor
-                following = index + 1
-                self._rr_cursor = (self._list_seqs[following]
-                                   if following < len(self._list_seqs) else None)
-            del self._list_seqs[index]
-            self._unlist_rr(dest)
         del self.dests[dest.endpoint]
         self._by_seq[dest.seq] = None
+        if self._rr:
+            if dest.weight > 0:
+                self._unlist_rr()
+            # ip_vs_rr_del_dest moves a cursor on `dest` to its predecessor, which is where the
+            # cursor's seq now points, or to the head when `dest` had none.
+            cursor = self._rr_cursor
+            if cursor is not None and (not self.dests
+                                       or next(reversed(self.dests.values())).seq < cursor):
+                self._rr_cursor = None
         self._quiesced.pop(dest.endpoint, None)
+        self._drained.pop(dest.endpoint, None)
         if dest.active + dest.inactive > 0:
             self.trash[dest.endpoint] = dest
         if dest.endpoint in self._table_members:  # beyond the table's reach: it stays the same
@@ -224,7 +236,7 @@ class IpvsSelector:
         dest.weight = 0
         self._quiesced[dest.endpoint] = dest
         if self._rr:
-            self._unlist_rr(dest)
+            self._unlist_rr()
 
     def _push(self, dest: Destination) -> None:
         """lc: an entry with `dest`'s current key (after its overhead changed)."""
@@ -277,9 +289,8 @@ class IpvsSelector:
         """Delete the quiesced destinations that no longer hold a connection, in list order
         from the tail."""
         self.expire(now)
-        for dest in sorted(self._quiesced.values(), key=lambda d: d.seq):
-            if dest.active + dest.inactive == 0:
-                self._delete(dest)
+        for dest in sorted(self._drained.values(), key=lambda d: d.seq):
+            self._delete(dest)
 
     # -- connection accounting -------------------------------------------------------------------
 
@@ -290,7 +301,10 @@ class IpvsSelector:
                 _, dest = queue.popleft()
                 dest.inactive -= 1
                 if self.dests.get(dest.endpoint) is dest:
-                    self._push(dest)
+                    if dest.weight > 0:
+                        self._push(dest)
+                    elif dest.active + dest.inactive == 0:
+                        self._drained[dest.endpoint] = dest
                 elif dest.active + dest.inactive == 0 and self.trash.get(dest.endpoint) is dest:
                     del self.trash[dest.endpoint]  # nothing holds it: the kernel frees it
 
@@ -341,22 +355,24 @@ class IpvsSelector:
         if not self._table:
             return None
         if self.scheduler == "sh":
-            endpoint = self._table[sh_bucket(client_ip)]
+            dest = self._table[sh_bucket(client_ip)]
         else:
-            endpoint = self._table[_mh_slot((client_port + client_ip) & 0xFFFFFFFF)]
-        return endpoint if endpoint >= 0 and self.dests[endpoint].weight > 0 else None
+            dest = self._table[_mh_slot((client_port + client_ip) & 0xFFFFFFFF)]
+        return dest.endpoint if dest.weight > 0 else None
 
     def _pick_rr(self) -> int | None:
-        seqs = self._rr_seqs
-        if not seqs:
+        if not self._rr_serving:
             return None
-        # The successor in list order is the largest seq below the cursor; wrap to the head.
+        seqs, by_seq = self._rr_seqs, self._by_seq
+        # The successor in list order is the largest serving seq below the cursor; wrap to the
+        # head (the largest serving seq).
         index = len(seqs) if self._rr_cursor is None else bisect_left(seqs, self._rr_cursor)
-        seq = seqs[index - 1] if index > 0 else seqs[-1]
-        self._rr_cursor = seq
-        dest = self._by_seq[seq]
-        assert dest is not None
-        return dest.endpoint
+        while True:
+            index = index - 1 if index > 0 else len(seqs) - 1
+            dest = by_seq[seqs[index]]
+            if dest is not None and dest.weight > 0:
+                self._rr_cursor = dest.seq
+                return dest.endpoint
 
     def _pick_lc(self) -> int | None:
         heap, by_seq = self._heap, self._by_seq
@@ -372,15 +388,23 @@ class IpvsSelector:
     def _rebuild_table(self) -> None:
         ordered = reversed(self.dests.values())  # list order, head first
         if self.scheduler == "sh":
-            members = [d.endpoint for d in islice(ordered, SH_BUCKETS)]
-            self._table = ([members[i % len(members)] for i in range(SH_BUCKETS)]
-                           if members else [])
+            dests = list(islice(ordered, SH_BUCKETS))
+            self._table = [dests[i % len(dests)] for i in range(SH_BUCKETS)] if dests else []
         else:
             # Only the first MH_TABLE_SIZE can claim a slot: the table is full after one round.
-            members = [d.endpoint for d in islice((d for d in ordered if d.last_weight > 0),
-                                                  MH_TABLE_SIZE)]
-            self._table = maglev_table([(e, *self._address_of(e)) for e in members])
-        self._table_members = set(members)
+            dests = list(islice((d for d in ordered if d.last_weight > 0), MH_TABLE_SIZE))
+            preferences = []
+            for dest in dests:
+                preference = dest.mh_preference
+                if preference is None:
+                    address, port = self._address_of(dest.endpoint)
+                    preference = dest.mh_preference = _mh_preference((address + port)
+                                                                     & 0xFFFFFFFF)
+                preferences.append(preference)
+            self._table = [dests[i] for i in maglev_populate(preferences)]
+        # Between rebuilds every table entry is the listed destination of its endpoint: adding,
+        # or deleting a member, marks the table dirty.
+        self._table_members = {d.endpoint for d in dests}
         self._dirty = False
 
 
@@ -451,24 +475,29 @@ def maglev_table(dests: Sequence[tuple[int, int, int]]) -> list[int]:
 
     Destinations take turns, in list order, claiming their next preferred free slot.
     """
-    if not dests:
+    slots = maglev_populate([_mh_preference((a + p) & 0xFFFFFFFF) for _, a, p in dests])
+    return [dests[i][0] for i in slots]
+
+
+def maglev_populate(preferences: Sequence[tuple[int, int]]) -> list[int]:
+    """`maglev_table` from each destination's (offset, skip) (`_mh_preference`), in list
+    order: each slot holds the position of its destination in `preferences`."""
+    if not preferences:
         return []
     size = MH_TABLE_SIZE
-    preferences = [_mh_preference((a + p) & 0xFFFFFFFF) for _, a, p in dests]
     perms = [offset for offset, _ in preferences]
     skips = [skip for _, skip in preferences]
-    endpoints = [endpoint for endpoint, _, _ in dests]
     table = [-1] * size
     filled = 0
     while True:
-        for i, endpoint in enumerate(endpoints):
+        for i in range(len(preferences)):
             slot, skip = perms[i], skips[i]
             while table[slot] >= 0:
                 slot += skip
                 if slot >= size:
                     slot -= size
             perms[i] = slot
-            table[slot] = endpoint
+            table[slot] = i
             filled += 1
             if filled == size:
                 return table

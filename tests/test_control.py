@@ -139,6 +139,7 @@ def test_fanout_reaches_each_node_after_its_own_delay_and_coalesces_per_node() -
     assert start == times[first]
     decided = fanout.sync(first, start)
     assert decided.view == {2, 3} and decided.new == {3} and decided.next_update is None
+    assert decided.joined == {3} and decided.left == {1}
     # a second change right after: this node's next sync waits for min_interval
     fanout.change(4, True)
     (again,) = [t for c, t in fanout.publish(start + 0.01) if c == first]
@@ -148,6 +149,14 @@ def test_fanout_reaches_each_node_after_its_own_delay_and_coalesces_per_node() -
     other = (first + 1) % 3
     late = fanout.sync(other, 100.0)
     assert late.view == {2, 3, 4} and late.new == {3, 4}
+    assert late.joined == {3, 4} and late.left == {1}
+    # an endpoint that leaves and comes back between two syncs neither joined nor left
+    fanout.change(2, False)
+    fanout.publish(101.0)
+    fanout.change(2, True)
+    fanout.publish(101.5)
+    back = fanout.sync(other, 200.0)
+    assert back.view == {2, 3, 4} and back.new == {2} and not back.joined and not back.left
 
 
 def test_ipvs_insertion_order_is_random_per_node_and_only_for_new_endpoints() -> None:

@@ -23,13 +23,14 @@ upstream connection per backend pod and spread requests evenly over the pods in 
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import json
 import math
 import random
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,11 @@ class ConnectionLog:
     closed_at: array = field(default_factory=lambda: array("d"))
     reason: array = field(default_factory=lambda: array("b"))
     requests: array = field(default_factory=lambda: array("d"))
+
+
+def endpoint_address(pod_address: Sequence[int], pod: int) -> tuple[int, int]:
+    """A backend pod's (IPv4 address, port) as its endpoint, from the pods' addresses."""
+    return pod_address[pod], dataplane.SERVER_PORT
 
 
 @contextmanager
@@ -142,9 +148,12 @@ class Simulation:
         self.nodes = cfg.cluster.nodes
         self.addresses = PodAddresses(self.nodes)
         self.pod_address: list[int] = []
+        # The selectors see the address plan, not this object: a bound method would make a
+        # reference cycle that leaves a finished cell's millions of objects to the cyclic GC.
+        address_of = functools.partial(endpoint_address, self.pod_address)
         self.selectors = [
             dataplane.make_selector(cell.mode, random.Random(rng_dataplane.getrandbits(64)),
-                                    self.endpoint_address)
+                                    address_of)
             for _ in range(self.nodes)
         ]
         self.icmp_limits = [dataplane.IcmpRateLimit() for _ in range(self.nodes)]
@@ -161,7 +170,6 @@ class Simulation:
         self.l7 = cfg.workload.proxy == "l7"
         self.fanout: control.EndpointFanout | None = None
         self.applying: dict[int, control.NodeSync] = {}
-        self.applied_views: dict[int, frozenset[int]] = {}  # IPVS: each node's view, as applied
         self.surge, self.unavailable = cfg.backend.rollout.resolve(cfg.backend.replicas)
         self.replicas = cfg.backend.replicas
         self.revision = 1
@@ -274,9 +282,6 @@ class Simulation:
             self.at(ready, READY, index)
         return index
 
-    def endpoint_address(self, pod: int) -> tuple[int, int]:
-        return self.pod_address[pod], dataplane.SERVER_PORT
-
     def node_name(self, node: int) -> str:
         return f"node-{node + 1}"
 
@@ -299,8 +304,9 @@ class Simulation:
         reason = "reset" if killed else "server-shutdown"
         self.record("pod_killed" if killed else "pod_terminating", index,
                     connections=self.active[index])
-        for user in sorted(self.users_on[index]):
-            self.close_connection(user, reason)
+        users = sorted(self.users_on[index])
+        self.close_connections(index, users, reason)
+        for user in users:
             delay = self.reset_delay() if killed else self.announced_close_delay()
             self.at(self.now + delay, OPEN, user, self.user_gen[user])
         if killed:
@@ -366,7 +372,7 @@ class Simulation:
         )
         view = frozenset(serving)
         for consumer in range(self.fanout.consumers):
-            self.apply(consumer, control.NodeSync(0.0, view, view, None))
+            self.apply(consumer, control.NodeSync(0.0, view, view, None, joined=view))
 
     def publish(self) -> None:
         assert self.fanout is not None
@@ -391,13 +397,11 @@ class Simulation:
         """A sync completes: the node's rules (or the proxies' view) now hold `decided.view`."""
         if not self.l7:
             selector = self.selectors[consumer]
-            if self.ipvs:
-                previous = self.applied_views.get(consumer, frozenset())
+            if self.ipvs:  # each node applies its syncs in order: `joined` is since the last
                 added = control.ipvs_new_order(decided.new, self.rng_ipvs_order[consumer])
-                added += sorted(decided.view - previous - decided.new)
+                added += sorted(decided.joined - decided.new)
                 assert isinstance(selector, dataplane.IpvsSelector)
-                selector.update(added, previous - decided.view, self.now)
-                self.applied_views[consumer] = decided.view
+                selector.update(added, decided.left, self.now)
             else:
                 selector.sync(list(decided.view), self.now)
             return
@@ -539,29 +543,47 @@ class Simulation:
         return end, reason
 
     def close_connection(self, user: int, reason: str) -> None:
-        now = self.now
         pod = self.user_pod[user]
-        opened_clock = self.user_clock[user]
-        requests = self.clock_base + self.rps * (now - self.clock_t) - opened_clock
-        if pod >= 0:
-            self.closed_requests[pod] += requests
-            self.open_clock_sum[pod] -= opened_clock
-            self.active[pod] -= 1
-            self.users_on[pod].discard(user)
-            self.selectors[self.user_node[user]].closed(pod, now, reset=reason == "reset")
-        else:
-            self.advance_proxy_clock(now)
+        if pod < 0:  # a connection to an L7 proxy pod
+            self.advance_proxy_clock(self.now)
             self.connected_users -= 1
+        self.close_connections(pod, (user,), reason)
+
+    def close_connections(self, pod: int, users: Sequence[int], reason: str) -> None:
+        """Close the connections of `users`, all to `pod` (a backend pod, or with `proxy: l7`
+        the negative code of the proxy pod; the caller counts those), and log them."""
+        now = self.now
+        clock = self.clock_base + self.rps * (now - self.clock_t)
+        user_clock, user_pod, user_gen = self.user_clock, self.user_pod, self.user_gen
         log = self.closed_log
-        log.conn_id.append(self.user_conn[user])
-        log.user.append(user)
-        log.pod.append(pod)
-        log.opened_at.append(self.user_opened[user])
-        log.closed_at.append(now if reason != "end" else math.nan)
-        log.reason.append(_REASON[reason])
-        log.requests.append(requests)
-        self.user_pod[user] = -1
-        self.user_gen[user] += 1
+        log_requests = log.requests.append
+        if pod >= 0:
+            closed_requests, open_clock_sum = self.closed_requests[pod], self.open_clock_sum[pod]
+            users_on, selectors, user_node = self.users_on[pod], self.selectors, self.user_node
+            reset = reason == "reset"
+            for user in users:
+                opened_clock = user_clock[user]
+                requests = clock - opened_clock
+                closed_requests += requests
+                open_clock_sum -= opened_clock
+                users_on.discard(user)
+                selectors[user_node[user]].closed(pod, now, reset)
+                log_requests(requests)
+            self.closed_requests[pod], self.open_clock_sum[pod] = closed_requests, open_clock_sum
+            self.active[pod] -= len(users)
+        else:
+            for user in users:
+                log_requests(clock - user_clock[user])
+        user_conn, user_opened = self.user_conn, self.user_opened
+        log.conn_id.extend([user_conn[user] for user in users])
+        log.user.extend(users)
+        log.pod.extend([pod] * len(users))
+        log.opened_at.extend([user_opened[user] for user in users])
+        log.closed_at.extend([now if reason != "end" else math.nan] * len(users))
+        log.reason.extend([_REASON[reason]] * len(users))
+        for user in users:
+            user_pod[user] = -1
+            user_gen[user] += 1
 
     def scheduled_close(self, user: int, tag: int) -> None:
         gen, reason = divmod(tag, 8)
@@ -745,10 +767,23 @@ class Simulation:
             self.now = t
             handlers[kind](a, b)
         self.now = end
-        for user in range(len(self.user_node)):
-            if self.user_pod[user] != -1:
-                self.close_connection(user, "end")
+        self.log_open_connections()
         return self.result()
+
+    def log_open_connections(self) -> None:
+        """The connections still open at the end, logged as closing for reason "end" with no
+        close time, all at once: nothing runs after them, so no other state needs their close."""
+        users = np.flatnonzero(np.asarray(self.user_pod, dtype=np.int64) != -1)
+        clock = self.request_clock(self.now)
+        log = self.closed_log
+        log.conn_id.frombytes(np.asarray(self.user_conn, dtype=np.int64)[users].tobytes())
+        log.user.frombytes(users.astype(np.int64).tobytes())
+        log.pod.frombytes(np.asarray(self.user_pod, dtype=np.int64)[users].tobytes())
+        log.opened_at.frombytes(np.asarray(self.user_opened, dtype=np.float64)[users].tobytes())
+        log.closed_at.frombytes(np.full(len(users), math.nan).tobytes())
+        log.reason.frombytes(np.full(len(users), _REASON["end"], dtype=np.int8).tobytes())
+        log.requests.frombytes((clock - np.asarray(self.user_clock, dtype=np.float64)[users])
+                               .tobytes())
 
     def planned_events(self) -> list[tuple[float, int, int, int, int]]:
         """The cell's plan (kpbench.schedule) as heap entries."""
