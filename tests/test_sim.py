@@ -205,6 +205,18 @@ def test_l7_proxy_balances_requests_per_pod() -> None:
     assert end_counts(direct).max() / end_counts(direct).mean() > 1.3
 
 
+def test_l7_proxy_connections_are_each_logged_and_reconnect() -> None:
+    result = simulate("iptables", duration_seconds=60, workload__proxy="l7",
+                      workload__connections=30,
+                      workload__reconnect={"policy": "periodic", "seconds": 20})
+    connections = result.connections
+    assert set(connections["pod"]) == {"l7-proxy-0", "l7-proxy-1"}
+    ends = connections[connections["close_reason"] == "end"]
+    assert len(ends) == 30 and ends["pod"].value_counts().to_dict() == {
+        "l7-proxy-0": 15, "l7-proxy-1": 15}
+    assert (connections["close_reason"] == "reconnect").sum() >= 30
+
+
 def test_max_connection_age_closes_connections() -> None:
     result = simulate("iptables", duration_seconds=100, backend__max_connection_age_seconds=20)
     closed = result.connections[result.connections["close_reason"] == "max-age"]

@@ -49,9 +49,9 @@ DIGESTS: dict[str, dict[str, str]] = {
         "samples": "893ed26323fad82f"
     },
     "iptables/l7": {
-        "connections": "238a920344e08dca",
+        "connections": "cc4f7ef624d61c96",
         "events": "52685ea8e6fe270d",
-        "samples": "5fd081128b210457"
+        "samples": "82aeb2361ca97627"
     },
     "iptables/long-lived": {
         "connections": "4dd6a5d2a0d1f18a",

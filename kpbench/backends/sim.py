@@ -60,6 +60,13 @@ EPHEMERAL_PORTS = (32768, 60999)
 # workload's connect timeout.
 SYN_RETRANSMITS = tuple(t for t in (1.0, 3.0, 7.0, 15.0) if t < REQUEST_TIMEOUT_SECONDS)
 REFUSED, TIMED_OUT = -1, -2  # `failed` keys of connects that never reached a pod
+# `user_pod` holds a backend pod's index, NO_CONNECTION, or with `proxy: l7` the code of the
+# proxy pod the user is connected to (`proxy_code`).
+NO_CONNECTION = -1
+
+
+def proxy_code(proxy: int) -> int:
+    return -2 - proxy
 FAILURE_REASONS = {REFUSED: "refused by data plane",
                    TIMED_OUT: "timed out (refusals beyond the ICMP rate limit)"}
 
@@ -426,7 +433,7 @@ class Simulation:
             node = self.cfg.client_node(client)
             self.user_node.append(node)
             self.user_ip.append(self.client_address[client])
-            self.user_pod.append(-1)
+            self.user_pod.append(NO_CONNECTION)
             self.user_gen.append(0)
             self.user_opened.append(0.0)
             self.user_clock.append(0.0)
@@ -448,11 +455,12 @@ class Simulation:
     def open_connection(self, user: int, gen: int) -> None:
         # The hot path of every run: attribute lookups are hoisted on purpose.
         user_pod = self.user_pod
-        if gen != self.user_gen[user] or user >= self.wanted_users or user_pod[user] >= 0:
+        if (gen != self.user_gen[user] or user >= self.wanted_users
+                or user_pod[user] != NO_CONNECTION):
             return
         now = self.now
         if self.l7:
-            pod = -1 - (user % L7_PROXY_REPLICAS)  # clients hold connections to proxy pods
+            pod = proxy_code(user % L7_PROXY_REPLICAS)  # clients hold connections to proxies
             self.advance_proxy_clock(now)
             self.connected_users += 1
         else:
@@ -582,12 +590,12 @@ class Simulation:
         log.closed_at.extend([now if reason != "end" else math.nan] * len(users))
         log.reason.extend([_REASON[reason]] * len(users))
         for user in users:
-            user_pod[user] = -1
+            user_pod[user] = NO_CONNECTION
             user_gen[user] += 1
 
     def scheduled_close(self, user: int, tag: int) -> None:
         gen, reason = divmod(tag, 8)
-        if gen != self.user_gen[user] or self.user_pod[user] == -1:
+        if gen != self.user_gen[user] or self.user_pod[user] == NO_CONNECTION:
             return
         self.close_connection(user, CLOSE_REASONS[reason])
         # A client-side close reconnects at once; a server-side one as announced_close_delay.
@@ -641,7 +649,7 @@ class Simulation:
         else:
             self.wanted_users = target
             for user in range(target, current):
-                if self.user_pod[user] != -1:
+                if self.user_pod[user] != NO_CONNECTION:
                     self.close_connection(user, "load-change")
                 else:
                     self.user_gen[user] += 1
@@ -773,7 +781,7 @@ class Simulation:
     def log_open_connections(self) -> None:
         """The connections still open at the end, logged as closing for reason "end" with no
         close time, all at once: nothing runs after them, so no other state needs their close."""
-        users = np.flatnonzero(np.asarray(self.user_pod, dtype=np.int64) != -1)
+        users = np.flatnonzero(np.asarray(self.user_pod, dtype=np.int64) != NO_CONNECTION)
         clock = self.request_clock(self.now)
         log = self.closed_log
         log.conn_id.frombytes(np.asarray(self.user_conn, dtype=np.int64)[users].tobytes())
@@ -829,7 +837,7 @@ class Simulation:
         pod_names = np.where(
             pod_codes >= 0,
             names[np.clip(pod_codes, 0, None)] if len(names) else "",
-            proxy_names[np.clip(-1 - pod_codes, 0, L7_PROXY_REPLICAS - 1)],
+            proxy_names[np.clip(-2 - pod_codes, 0, L7_PROXY_REPLICAS - 1)],
         )
         clients = users % self.cfg.workload.clients
         client_names = np.array([f"client-{c}" for c in range(self.cfg.workload.clients)],
