@@ -522,9 +522,10 @@ class LabCell:
         self.clients.wait_for_first_connection(lambda: self.servers.metrics(initial))
         # The cell's clock starts with the clients' ramp, as in the simulator.
         self.t0 = self.clock()
+        # Setup's events, and the initial pods' readiness, belong to the cell's first instant
+        # (not to whenever this line runs, a few ms later on a loaded machine).
         self.event_rows = [(0.0, e, n, d) for _, e, n, d in self.event_rows]
-        for pod in initial:
-            self.record("pod_ready", pod)
+        self.event_rows += [(0.0, "pod_ready", pod.pod.name, "") for pod in initial]
         self.run_schedule(progress)
         self.check_alive()
         self.sampler.check_silent(self.pods)
