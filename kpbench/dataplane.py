@@ -521,16 +521,16 @@ class IcmpRateLimit:
 
     def __init__(self, interval: float = ICMP_RATELIMIT_SECONDS) -> None:
         # Whole microseconds, as the kernel counts whole jiffies: no rounding drift.
-        self.interval = round(interval * 1e6)
+        self.interval_us = round(interval * 1e6)
         self._tokens: dict[int, tuple[int, int]] = {}  # address -> (tokens, last), in µs
 
     def allow(self, address: int, now: float) -> bool:
         now_us = round(now * 1e6)
-        cap = XRLIM_BURST_FACTOR * self.interval
+        cap = XRLIM_BURST_FACTOR * self.interval_us
         tokens, last = self._tokens.get(address, (cap, now_us))
         tokens = min(tokens + now_us - last, cap)
-        allowed = tokens >= self.interval
-        self._tokens[address] = (tokens - self.interval if allowed else tokens, now_us)
+        allowed = tokens >= self.interval_us
+        self._tokens[address] = (tokens - self.interval_us if allowed else tokens, now_us)
         return allowed
 
 

@@ -60,15 +60,17 @@ EPHEMERAL_PORTS = (32768, 60999)
 # workload's connect timeout.
 SYN_RETRANSMITS = tuple(t for t in (1.0, 3.0, 7.0, 15.0) if t < REQUEST_TIMEOUT_SECONDS)
 REFUSED, TIMED_OUT = -1, -2  # `failed` keys of connects that never reached a pod
+FAILURE_REASONS = {REFUSED: "refused by data plane",
+                   TIMED_OUT: "timed out (refusals beyond the ICMP rate limit)"}
 # `user_pod` holds a backend pod's index, NO_CONNECTION, or with `proxy: l7` the code of the
 # proxy pod the user is connected to (`proxy_code`).
 NO_CONNECTION = -1
 
 
-def proxy_code(proxy: int) -> int:
+def proxy_code(proxy: Any) -> Any:
+    """A proxy pod's code in `user_pod` (for an int or an array); also its own inverse."""
     return -2 - proxy
-FAILURE_REASONS = {REFUSED: "refused by data plane",
-                   TIMED_OUT: "timed out (refusals beyond the ICMP rate limit)"}
+
 
 # The dynamic event kinds of kpbench.schedule, as plain ints for the hot loop's heap tuples.
 (OPEN, CLOSE, SYNC, READY, DELETED, RAMP, RECONCILE, PUBLISH, UPDATE, APPLY) = (
@@ -508,8 +510,7 @@ class Simulation:
         self.user_connecting[user] = -1.0
         key = (int(now / self.cfg.sample_seconds), cause)
         self.failed[key] = self.failed.get(key, 0) + 1
-        self.seq += 1
-        heapq.heappush(self.heap, (retry_at, self.seq, OPEN, user, gen))
+        self.at(retry_at, OPEN, user, gen)
 
     def retransmit_syn(self, user: int, gen: int, now: float) -> None:
         first_syn = self.user_connecting[user]
@@ -517,8 +518,7 @@ class Simulation:
             first_syn = self.user_connecting[user] = now
         due = next((first_syn + t for t in SYN_RETRANSMITS if first_syn + t > now),
                    first_syn + REQUEST_TIMEOUT_SECONDS)
-        self.seq += 1
-        heapq.heappush(self.heap, (due, self.seq, OPEN, user, gen))
+        self.at(due, OPEN, user, gen)
 
     def connection_end(self, now: float) -> tuple[float, str]:
         workload, rng = self.cfg.workload, self.rng_workload
@@ -837,7 +837,7 @@ class Simulation:
         pod_names = np.where(
             pod_codes >= 0,
             names[np.clip(pod_codes, 0, None)] if len(names) else "",
-            proxy_names[np.clip(-2 - pod_codes, 0, L7_PROXY_REPLICAS - 1)],
+            proxy_names[np.clip(proxy_code(pod_codes), 0, L7_PROXY_REPLICAS - 1)],
         )
         clients = users % self.cfg.workload.clients
         client_names = np.array([f"client-{c}" for c in range(self.cfg.workload.clients)],
