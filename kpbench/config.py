@@ -586,6 +586,11 @@ def load(
         raw["seeds"] = seeds
     if problems:
         raise ConfigError(problems)
+    given = [*(f"--set {text}" for text in overrides), *([f"--seeds {seeds}"] if seeds else [])]
+    if given and isinstance(raw.get("description", ""), str):
+        # the description is prose about the file: say what the command line changed
+        raw["description"] = (f"{raw.get('description', '').rstrip()}\n\nRun with "
+                              f"{', '.join(given)} (the text above describes the file).")
     experiment = validate(raw)
     count = cell_count(experiment)
     if count > max_cells:

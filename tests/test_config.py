@@ -109,6 +109,15 @@ def test_overrides_and_cells(tmp_path: Path) -> None:
     }
 
 
+def test_command_line_changes_are_stated_in_the_description(tmp_path: Path) -> None:
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\ndescription: 3 seeds of iptables.\nmodes: [iptables]\n")
+    assert load(path).description == "3 seeds of iptables."
+    described = load(path, ["modes=[nftables]"], seeds=10).description
+    assert described == ("3 seeds of iptables.\n\nRun with --set modes=[nftables], --seeds 10 "
+                         "(the text above describes the file).")
+
+
 @pytest.mark.parametrize("bad", ["novalue", "=3", "workload.connections=[1"])
 def test_malformed_set(tmp_path: Path, bad: str) -> None:
     path = tmp_path / "e.yaml"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kpbench.config import validate
-from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies
+from kpbench.workload.plan import Tally, WorkloadPlan, merge_tallies, workload_failures
 
 from .loopback import (
     PYTHON,
@@ -101,6 +101,12 @@ def test_tallies_merge_like_sums() -> None:
     assert merged["connections"]["open"] == 2
     assert merged["connections"]["closed"]["reconnect"] == 1
     assert merged["requests"]["by_pod"] == {"a": 2, "b": 1}
+    first.failed_connect(ConnectionRefusedError())
+    second.failed_connect(TimeoutError())
+    second.failed_connect(ConnectionRefusedError())
+    merged = merge_tallies([first.to_dict(), second.to_dict()])
+    assert merged["connections"]["failed"] == 3
+    assert merged["connections"]["failed_by_reason"] == {"refused": 2, "timed out": 1}
 
 
 def test_plan_mirrors_the_simulator_draws() -> None:
@@ -144,6 +150,20 @@ def test_users_cannot_override_scheduled_connections(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip() == ("kpbench.workload: --users: the experiment's load events set "
                                    "the connections over time")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_refused_connects_are_counted_as_refused(processes: Processes, tmp_path: Path,
+                                                 protocol: str) -> None:
+    port = free_port()  # nothing listens: the kernel answers every SYN with a reset
+    host = f"http://127.0.0.1:{port}" if protocol == "http" else f"127.0.0.1:{port}"
+    summary = run_workload(processes, tmp_path, {"connections": 2, "requests_per_second": 5,
+                                                 "protocol": protocol}, host, 2)
+    failed = summary["connections"]["failed"]
+    assert failed >= 2 and summary["connections"]["opened"] == 0
+    assert summary["connections"]["failed_by_reason"] == {"refused": failed}
+    assert workload_failures(summary) == [
+        {"count": failed, "reason": "refused (counted by the workload)"}]
 
 
 # -- HTTP ---------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from kpbench.kube.api import KubeApi, KubeError, pod_cpu_millicores
 from kpbench.kube.verify import check_node
 from kpbench.lab.sampling import CONNECTION_COLUMNS, parse_metrics
 from kpbench.schedule import Kind
+from kpbench.workload.plan import workload_failures
 
 SETUP_TIMEOUT_SECONDS = 600.0
 FIRST_CONNECTION_TIMEOUT_SECONDS = 180.0
@@ -72,7 +73,6 @@ LIST_RESULTS = ["sh", "-c", "cd /results && for f in *; do [ -f \"$f\" ] || cont
 SHOW_SERVERS = ["sh", "-c", f"echo 'show servers state {haproxy.BACKEND}' | "
                 f"socat stdio unix-connect:{manifests.HAPROXY_RUNTIME_SOCKET}"]
 L7_PROXY_SELECTOR = "app.kubernetes.io/name=l7-proxy"
-WORKLOAD_TOTALS = (("failed", "connection_failed"), ("reset", "connection_reset"))
 
 
 class NodeTables(Protocol):
@@ -580,13 +580,12 @@ class KubeCell:
             with contextlib.suppress(ValueError):
                 summary = dict(json.loads(files["summary.json"]))
         events = list(self.event_rows)
-        totals = summary.get("connections") or {}
-        counted = {"failed": totals.get("failed", 0),
-                   "reset": (totals.get("closed") or {}).get("reset", 0)}
-        for key, event in WORKLOAD_TOTALS:
-            if counted[key]:
-                events.append((self.cfg.duration_seconds, event, "", json.dumps(
-                    {"count": counted[key], "reason": "counted by the workload"})))
+        events += [(self.cfg.duration_seconds, "connection_failed", "", json.dumps(detail))
+                   for detail in workload_failures(summary)]
+        resets = ((summary.get("connections") or {}).get("closed") or {}).get("reset", 0)
+        if resets:
+            events.append((self.cfg.duration_seconds, "connection_reset", "", json.dumps(
+                {"count": resets, "reason": "counted by the workload"})))
         events_frame = pd.DataFrame(events, columns=["t", "event", "pod", "detail"])
         events_frame = events_frame.sort_values("t", kind="stable").reset_index(drop=True)
         connections = pd.DataFrame(columns=CONNECTION_COLUMNS)

@@ -47,6 +47,7 @@ from kpbench.lab.pods import GRPC_PORT, HTTP_PORT, STARTUP_TIMEOUT_SECONDS, LabP
 from kpbench.lab.proxies import Proxies
 from kpbench.lab.sampling import Sampler, process_cpu_seconds
 from kpbench.schedule import Kind
+from kpbench.workload.plan import workload_failures
 
 SERVICE_HTTP_PORT = 80
 READY_POLL_SECONDS = 0.2
@@ -559,11 +560,9 @@ class LabCell:
         }
 
     def result(self, dataplane: dict[str, Any], summary: dict[str, Any]) -> CellResult:
-        failed = summary.get("connections", {}).get("failed", 0)
         events = list(self.event_rows)
-        if failed:
-            events.append((self.cfg.duration_seconds, "connection_failed", "",
-                           json.dumps({"count": failed, "reason": "counted by the workload"})))
+        events += [(self.cfg.duration_seconds, "connection_failed", "", json.dumps(detail))
+                   for detail in workload_failures(summary)]
         events_frame = pd.DataFrame(events, columns=["t", "event", "pod", "detail"])
         events_frame = events_frame.sort_values("t", kind="stable").reset_index(drop=True)
         artifacts: dict[str, bytes] = {}

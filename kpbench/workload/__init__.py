@@ -16,7 +16,8 @@ Summary JSON (`--summary`, format `kpbench-workload-summary/1`)::
     {"format", "role": "local"|"master", "workers", "protocol", "host",
      "requests_per_second_per_connection", "started_at" (process), "test_started_at" (users start
      spawning), "finished_at" (unix s),
-     "connections": {"opened", "failed", "open",
+     "connections": {"opened", "failed", "failed_by_reason": {"refused", "timed out", "other": n},
+                     "open",
                      "closed": {"lifetime", "reconnect", "max-age", "server-shutdown", "reset",
                                 "end": n},
                      "opened_by_pod": {pod: n}, "open_at_stop_by_pod": {pod: n}},
@@ -26,5 +27,6 @@ Summary JSON (`--summary`, format `kpbench-workload-summary/1`)::
 
 `connections.opened` counts established connections (HTTP: TCP connect; gRPC: first answered
 call on a connection); `failed` counts connects that failed (gRPC: a channel's first call
-failing). `open_at_stop_by_pod` is what the users held when the run ended.
+failing), `failed_by_reason` splits them as the client saw them (`plan.connect_failure`).
+`open_at_stop_by_pod` is what the users held when the run ended.
 """

@@ -43,6 +43,37 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 SUMMARY_FORMAT = "kpbench-workload-summary/1"
 
 
+CONNECT_FAILURES = ("refused", "timed out", "other")
+
+
+def connect_failure(error: BaseException) -> str:
+    """How a connect failed as the client saw it: `refused` (the SYN answered by a reset or an
+    ICMP port unreachable), `timed out` (no answer, e.g. beyond the node's ICMP rate limit) or
+    `other`. gRPC says it only in its status text."""
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error).lower()
+    if "refused" in text:
+        return "refused"
+    if "deadline" in text or "timed out" in text or "timeout" in text:
+        return "timed out"
+    return "other"
+
+
+def workload_failures(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The failed connects of a workload summary as `connection_failed` event details: one per
+    reason, or one "counted by the workload" for a summary that has no reasons."""
+    connections = summary.get("connections") or {}
+    by_reason = {k: v for k, v in (connections.get("failed_by_reason") or {}).items() if v}
+    if not by_reason:
+        failed = connections.get("failed", 0)
+        return [{"count": failed, "reason": "counted by the workload"}] if failed else []
+    return [{"count": n, "reason": f"{reason} (counted by the workload)"}
+            for reason, n in sorted(by_reason.items())]
+
+
 def spawn_rate(users: int, ramp_seconds: float) -> float:
     """The spawn rate that opens `users` connections evenly over `ramp_seconds` (0: at once)."""
     rate = users / ramp_seconds if ramp_seconds > 0 and users else max(users, 1)
@@ -170,6 +201,7 @@ class Tally:
 
     connections_opened: int = 0
     connections_failed: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
     closed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))
     requests: int = 0
     requests_failed: int = 0
@@ -180,6 +212,11 @@ class Tally:
 
     def opened(self) -> None:
         self.connections_opened += 1
+
+    def failed_connect(self, error: BaseException) -> None:
+        self.connections_failed += 1
+        reason = connect_failure(error)
+        self.failed_by_reason[reason] = self.failed_by_reason.get(reason, 0) + 1
 
     def identified(self, pod: str) -> None:
         """The first answer on a connection names the pod it reached."""
@@ -210,6 +247,7 @@ class Tally:
             "connections": {
                 "opened": self.connections_opened,
                 "failed": self.connections_failed,
+                "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "closed": dict(self.closed),
                 "open": sum(self.open_by_pod.values()),
                 "opened_by_pod": dict(sorted(self.connections_by_pod.items())),
@@ -237,10 +275,11 @@ def merge_tallies(parts: list[dict[str, Any]]) -> dict[str, Any]:
             merged_conns[key] += conns[key]
         for key in ("closed", "opened_by_pod", "open_at_stop_by_pod"):
             _add_counts(merged_conns[key], conns[key])
+        _add_counts(merged_conns["failed_by_reason"], conns.get("failed_by_reason", {}))
         for key in ("total", "failed"):
             merged["requests"][key] += part["requests"][key]
         _add_counts(merged["requests"]["by_pod"], part["requests"]["by_pod"])
     for section, key in (("connections", "opened_by_pod"), ("connections", "open_at_stop_by_pod"),
-                         ("requests", "by_pod")):
+                         ("connections", "failed_by_reason"), ("requests", "by_pod")):
         merged[section][key] = dict(sorted(merged[section][key].items()))
     return merged

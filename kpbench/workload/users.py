@@ -165,7 +165,7 @@ class KpbenchHttpUser(LongConnectionUser):
         try:
             self.http = Http1Connection(*self.target, timeout=REQUEST_TIMEOUT_SECONDS)
         except OSError as exc:
-            TALLY.connections_failed += 1
+            TALLY.failed_connect(exc)
             self.fire("CONNECT", "connect", started, perf_start, 0, exc)
             return False
         self.fire("CONNECT", "connect", started, perf_start, 0, None)
@@ -253,7 +253,7 @@ class KpbenchGrpcUser(LongConnectionUser):
             TALLY.requests_failed += 1
             self.fire("grpc", GRPC_METHOD, started, perf_start, 0, exc)
             if not held.counted:
-                TALLY.connections_failed += 1
+                TALLY.failed_connect(exc)
             self.end_connection("reset")
             return
         metadata = dict(call.initial_metadata() or ())
