@@ -73,7 +73,8 @@ def _scale_columns(judgement: ScaleJudgement | None) -> dict[str, Any]:
     if judgement is None:
         return {"scale_run_id": None, "scale_measured": None, "scale_verdict": None,
                 "scale_note": None}
-    return {"scale_run_id": f"{judgement.experiment}/{judgement.run_id}",
+    return {"scale_run_id": "; ".join(f"{judgement.experiment}/{path.name}"
+                                      for path in judgement.paths),
             "scale_measured": "; ".join(p.text() for p in judgement.points),
             "scale_verdict": judgement.verdict or "", "scale_note": judgement.note}
 

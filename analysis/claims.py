@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -138,6 +139,7 @@ class ScaleRun:
     experiment: str
     run_id: str
     status: str
+    placements: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ class Published:
                 if manifest.get("kind") == "scale":
                     self.scale_runs.append(ScaleRun(
                         manifest_path.parent, str(manifest["experiment"]),
-                        str(manifest["run_id"]), str(manifest["status"])))
+                        str(manifest["run_id"]), str(manifest["status"]),
+                        frozenset(manifest.get("placements") or ())))
                     continue
                 cells = manifest["cells"]
                 self.runs.append(PublishedRun(
@@ -190,11 +193,14 @@ class Published:
             self._loaded[run.path] = prepare_run(run.path)
         return self._loaded[run.path]
 
-    def newest_scale(self, experiment: str) -> ScaleRun | None:
-        """The newest completed scale run of `experiment`."""
-        found = [r for r in self.scale_runs if r.experiment == experiment
-                 and r.status == "COMPLETED"]
-        return max(found, key=lambda r: r.run_id, default=None)
+    def newest_scale(self, experiment: str) -> dict[str, ScaleRun]:
+        """Per placement (host, vm), the newest completed scale run of `experiment` that
+        measured it (a `--only vm` run replaces only the VM's points)."""
+        newest: dict[str, ScaleRun] = {}
+        for run in sorted(self.scale_runs, key=lambda r: r.run_id):
+            if run.experiment == experiment and run.status == "COMPLETED":
+                newest |= dict.fromkeys(run.placements, run)
+        return newest
 
     def scale_points(self, run: ScaleRun) -> Any:
         """The run's points over repeats (`analysis.scale.aggregate`)."""
@@ -256,8 +262,7 @@ class ScaleJudgement:
     placement, and the verdict judged in the VM against iptables (None: not judged)."""
 
     experiment: str
-    run_id: str
-    path: Path
+    paths: tuple[Path, ...]
     points: tuple[ScalePoint, ...]
     verdict: str | None
     note: str
@@ -400,25 +405,28 @@ class _Context:
         return finding
 
     def judge_scale(self, source: ScaleSource, row: Row, finding: Finding) -> None:
-        run = self.published.newest_scale(source.experiment)
-        if run is None:
+        runs = self.published.newest_scale(source.experiment)
+        if not runs:
             finding.not_measured = (f"no completed published run of the scale experiment "
                                     f"{source.experiment} (results/published/"
                                     f"{source.experiment}/<run_id>/, by `kpbench scale`)")
             return
-        points = self.published.scale_points(run)
+        measured = [(placement, self.published.scale_points(run))
+                    for placement, run in sorted(runs.items())]
+        points = pd.concat([frame[frame["placement"] == placement]
+                            for placement, frame in measured], ignore_index=True)
         found = tuple(p for p in (scale_point(points, placement, finding.mode)
                                   for placement in ("host", "vm")) if p is not None)
         if not found:
             swept = ", ".join(m for m in MODES if m in set(points["mode"]))
+            names = ", ".join(sorted({f"{r.experiment}/{r.run_id}" for r in runs.values()}))
             reason = f"; {row.not_measured}" if row.not_measured else ""
-            finding.not_measured = (f"not in the scale run {run.experiment}/{run.run_id} "
-                                    f"(its modes: {swept}){reason}")
+            finding.not_measured = f"not in the scale run {names} (its modes: {swept}){reason}"
             return
         verdict, note = scale_verdict(points, finding.mode)
         finding.claim_text = SCALE_RULE
-        finding.scale = ScaleJudgement(run.experiment, run.run_id, run.path, found, verdict,
-                                       note)
+        used = sorted({runs[p.placement].path for p in found})
+        finding.scale = ScaleJudgement(source.experiment, tuple(used), found, verdict, note)
 
     def judge(self, run: PublishedRun, source: Source, mode: str, where: str,
               finding: Finding) -> Judgement:

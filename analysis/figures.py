@@ -8,6 +8,7 @@ figure shows and what produced it, or None when the figure does not apply to the
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 
 from analysis.metrics import BALANCED_MAX_MEAN, interval, serving
 from analysis.runs import RunData, format_value, point_label
@@ -104,10 +106,22 @@ def _run_panels(runs: Sequence[RunData], counts: Sequence[int], max_cols: int, w
     return figure, blocks, axes
 
 
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as a 256-colour palette PNG: a third of the size of full colour for these
+    flat plots (the reports embed every figure), and the same bytes for the same figure."""
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format="png", dpi=DPI, metadata={"Software": None})
+    with Image.open(rendered) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    compact = io.BytesIO()
+    palette.save(compact, format="png", optimize=True)
+    return compact.getvalue()
+
+
 def _save(figure: Figure, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
-    figure.savefig(path, dpi=DPI, metadata={"Software": None})  # same bytes for the same figure
+    path.write_bytes(png_bytes(figure))
     return path
 
 

@@ -183,9 +183,9 @@ def source_lines(evaluation: Evaluation) -> list[str]:
                     key = (f"`{judgement.path.as_posix()}` ({what}, backend "
                            f"{judgement.backend})")
                     runs.setdefault(key, []).append(finding.mode)
-            if finding.scale is not None:
-                runs.setdefault(f"`{finding.scale.path.as_posix()}` (measured by "
-                                "`kpbench scale`)", []).append(finding.mode)
+            for path in finding.scale.paths if finding.scale is not None else ():
+                runs.setdefault(f"`{path.as_posix()}` (measured by `kpbench scale`)",
+                                []).append(finding.mode)
             if finding.also_measured:
                 runs.setdefault(f"also measured, not shown: {', '.join(finding.also_measured)}",
                                 []).append(finding.mode)

@@ -12,7 +12,6 @@ is wide, not wrong, when one repeat is an outlier.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.figures import DPI, _style, mode_colour
+from analysis.figures import _style, mode_colour, png_bytes
 from analysis.metrics import interval
 
 COLUMNS = ["placement", "kernel", "accel", "mode", "services", "endpoints", "connects", "repeat",
@@ -120,10 +119,9 @@ def figure_png(table: pd.DataFrame) -> bytes:
         figure.suptitle("kube-proxy modes as Services grow, measured (backend lab; mean of "
                         f"{'/'.join(map(str, repeats))} repeats, 95% t-interval): "
                         + "; ".join(places))
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=DPI)
+        rendered = png_bytes(figure)
         plt.close(figure)
-    return buffer.getvalue()
+    return rendered
 
 
 def render(table: pd.DataFrame, manifest: dict[str, Any]) -> dict[str, bytes]:

@@ -276,7 +276,7 @@ def _scale_run(root: Path, run_id: str, status: str, rows: list[dict]) -> Path:
     (folder / "points").mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps(
         {"kind": "scale", "experiment": "scale", "run_id": run_id, "status": status,
-         "placements": {}}))
+         "placements": {row["placement"]: {} for row in rows}}))
     for number, row in enumerate(rows, start=1):
         (folder / "points" / f"{number:05d}.json").write_text(json.dumps(row))
     return folder
@@ -311,7 +311,8 @@ def test_the_scale_claim_per_mode_with_its_kernels_and_the_vm_verdict(tmp_path: 
     found = {f.mode: f for f in written.evaluation.findings if f.row.id == "ipvs-scalability"}
 
     ipt = found["iptables"].scale
-    assert ipt is not None and ipt.run_id == "20261201T000000Z-aaaaaa" and ipt.verdict is None
+    assert ipt is not None and ipt.verdict is None
+    assert [p.name for p in ipt.paths] == ["20261201T000000Z-aaaaaa"]
     assert [(p.placement, p.services, p.repeats) for p in ipt.points] == [
         ("host", 3000, 3), ("vm", 300, 3)]  # the largest measured per placement
     assert [k.text() for k in ipt.kernels] == ["host 6.18.44", "VM 6.1.0-57-amd64 (tcg)"]
@@ -344,6 +345,29 @@ def test_the_scale_claim_per_mode_with_its_kernels_and_the_vm_verdict(tmp_path: 
     assert "scale/20261201T000000Z-aaaaaa" in (written.folder / "README.md").read_text()
     # `kpbench figures` draws cell runs only; a scale run brings its own figure
     assert [p.name for p in find_published_runs(published)] == [ROLLING_SIM.split("/")[1]]
+
+
+def test_a_newer_run_of_one_placement_replaces_only_its_points(tmp_path: Path) -> None:
+    from .test_scale import synthetic_rows
+
+    slow, fast = ([500, 510, 520], [8.0, 8.5, 9.0], [20.0, 21.0, 22.0]), \
+        ([300, 305, 310], [25.0, 26.0, 27.0], [10.0, 10.5, 11.0])
+    both = [*synthetic_rows("host", "iptables", 3000, *slow),
+            *synthetic_rows("vm", "iptables", 300, *slow),
+            *synthetic_rows("vm", "ipvs-rr", 300, *slow)]
+    vm_only = [*synthetic_rows("vm", "iptables", 1000, *slow),
+               *synthetic_rows("vm", "ipvs-rr", 1000, *fast)]
+    published, experiments, _readme, catalogue = _tree(tmp_path, _rows(SCALE_ROW))
+    _scale_run(published, "20261201T000000Z-aaaaaa", "COMPLETED", both)
+    _scale_run(published, "20261202T000000Z-bbbbbb", "COMPLETED", vm_only)  # `--only vm`
+    evaluation = evaluate(load_catalogue(catalogue), published, experiments, catalogue)
+    found = {f.mode: f.scale for f in evaluation.findings}
+    ipt, rr = found["iptables"], found["ipvs-rr"]
+    assert ipt is not None and rr is not None
+    assert [(p.placement, p.services) for p in ipt.points] == [("host", 3000), ("vm", 1000)]
+    assert [p.name for p in ipt.paths] == ["20261201T000000Z-aaaaaa", "20261202T000000Z-bbbbbb"]
+    assert [p.name for p in rr.paths] == ["20261202T000000Z-bbbbbb"]
+    assert rr.verdict == "REFUTED"  # judged on the newer VM points only
 
 
 def test_a_scale_row_without_a_published_run_says_where_it_would_be(tmp_path: Path) -> None:
