@@ -234,6 +234,8 @@ def test_the_catalogue_covers_the_article_and_measures_first(real: Evaluation) -
             assert finding.measured.backend == "lab"  # a modelled number is never "measured"
             assert finding.measured.kernels, f"{finding.row.id}/{finding.mode}: no kernel"
             assert finding.twin is None or finding.twin.backend == "sim"
+        elif finding.scale is not None:  # measured by `kpbench scale`: timings, not cells
+            assert finding.scale.kernels, f"{finding.row.id}/{finding.mode}: no kernel"
         else:
             assert finding.not_measured, f"{finding.row.id}/{finding.mode}: no reason"
         assert finding.model is None or finding.model.backend == "sim"
