@@ -1,8 +1,8 @@
 """The README's figures, drawn from the findings (`analysis.claims`) with the data behind each.
 
 Every figure is computed first as a table (pure functions: `claims_frame` is the findings
-table, `ready_order_load_frame`, `new_pod_share_frame`), written as CSV next to its PNG, and
-drawn from that table. The CSV is the reproducible part: regenerating it from
+table, `ready_order_load_frame`, `new_pod_share_frame`, `scale_frame`), written as CSV next to
+its PNG, and drawn from that table. The CSV is the reproducible part: regenerating it from
 results/published/ gives the same bytes. The PNG is drawn as deterministically as matplotlib
 allows (Agg, fixed size and dpi, no software metadata).
 """
@@ -31,6 +31,7 @@ from analysis.figures import (
 from analysis.metrics import end_window, ready_times, request_rates
 from analysis.report import METRIC_INFO
 from analysis.runs import RunData
+from analysis.scale import aggregate, points_figure_png
 
 CSV_FLOAT = "%.6g"  # six significant digits: the same bytes wherever the run is re-read
 SERIES = (  # (column prefix, legend, marker, filled, x offset)
@@ -344,6 +345,28 @@ def new_pod_share_figure(frame: pd.DataFrame, out_dir: Path,
         f"would follow the dotted one. Experiments: {experiments}. Data: {name}.csv.", path)
 
 
+def scale_frame(evaluation: Evaluation) -> pd.DataFrame:
+    """The scale claim's points: mean over repeats with the 95% t-interval per placement, mode
+    and Services, from each placement's newest published run."""
+    measurements = evaluation.scale_measurements()
+    return aggregate(measurements) if not measurements.empty else pd.DataFrame()
+
+
+def scale_figure(frame: pd.DataFrame, out_dir: Path, name: str = "scale") -> FigureInfo | None:
+    if frame.empty:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    path.write_bytes(points_figure_png(frame))
+    return FigureInfo(
+        name, "kube-proxy's modes as Services grow, measured",
+        "Full rule sync, the sync after one Service's endpoints change, and a connect through "
+        "the node to the Service whose rules come last, against the number of Services (log "
+        "axes): the mean over repeats with its 95% t-interval, per mode, on the host's kernel "
+        "and in the kernel VM (named on the figure; VM numbers compare modes with each other, "
+        f"not with the host). Data: {name}.csv.", path)
+
+
 def make_figures(evaluation: Evaluation, claims: pd.DataFrame, out_dir: Path
                  ) -> list[FigureInfo]:
     """Render the README's figures, each with the data behind it next to it (the claims
@@ -352,7 +375,8 @@ def make_figures(evaluation: Evaluation, claims: pd.DataFrame, out_dir: Path
     for name, frame, draw in (
             ("claims", claims, claims_figure),
             ("rolling-update-pod-load", ready_order_load_frame(evaluation), ready_order_figure),
-            ("hpa-new-pod-share", new_pod_share_frame(evaluation), new_pod_share_figure)):
+            ("hpa-new-pod-share", new_pod_share_frame(evaluation), new_pod_share_figure),
+            ("scale", scale_frame(evaluation), scale_figure)):
         info = draw(frame, out_dir, name)
         if info is None:
             continue

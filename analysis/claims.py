@@ -178,7 +178,7 @@ class Published:
                 raise FindingsError(f"{manifest_path}: not a readable run manifest "
                                     f"({exc.__class__.__name__}: {exc})") from None
         self._loaded: dict[Path, RunData] = {}
-        self._scale_points: dict[Path, Any] = {}
+        self._scale_tables: dict[Path, pd.DataFrame] = {}
 
     def newest(self, experiment: str, backend: str, mode: str | None = None
                ) -> PublishedRun | None:
@@ -202,15 +202,19 @@ class Published:
                 newest |= dict.fromkeys(run.placements, run)
         return newest
 
-    def scale_points(self, run: ScaleRun) -> Any:
-        """The run's points over repeats (`analysis.scale.aggregate`)."""
-        if run.path not in self._scale_points:
-            try:
-                self._scale_points[run.path] = aggregate(load_points(run.path))
-            except (OSError, ValueError, KeyError) as exc:
-                raise FindingsError(f"{run.path}: not a readable scale run "
-                                    f"({exc.__class__.__name__}: {exc})") from None
-        return self._scale_points[run.path]
+    def scale_measurements(self, runs: dict[str, ScaleRun]) -> pd.DataFrame:
+        """Each run's measurements (one row per repeat) of its own placement, together."""
+        parts = []
+        for placement, run in sorted(runs.items()):
+            if run.path not in self._scale_tables:
+                try:
+                    self._scale_tables[run.path] = load_points(run.path)
+                except (OSError, ValueError, KeyError) as exc:
+                    raise FindingsError(f"{run.path}: not a readable scale run "
+                                        f"({exc.__class__.__name__}: {exc})") from None
+            table = self._scale_tables[run.path]
+            parts.append(table[table["placement"] == placement])
+        return pd.concat(parts, ignore_index=True)
 
 
 # --- findings -------------------------------------------------------------------------------------
@@ -333,6 +337,14 @@ class Evaluation:
     def of(self, row: Row) -> list[Finding]:
         return [f for f in self.findings if f.row.id == row.id]
 
+    def scale_measurements(self) -> pd.DataFrame:
+        """The measurements behind the scale rows: per experiment and placement, its newest
+        completed run's (empty without one)."""
+        parts = [self.published.scale_measurements(runs) for runs in (
+            self.published.newest_scale(row.scale.experiment)
+            for row in self.catalogue.claims if row.scale is not None) if runs]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
     def measured_pairs(self, row: Row) -> Iterator[tuple[Finding, RunData, RunData | None]]:
         """Per mode of `row` measured on the lab: the finding, its lab run, its sim twin."""
         for finding in self.of(row):
@@ -411,10 +423,7 @@ class _Context:
                                     f"{source.experiment} (results/published/"
                                     f"{source.experiment}/<run_id>/, by `kpbench scale`)")
             return
-        measured = [(placement, self.published.scale_points(run))
-                    for placement, run in sorted(runs.items())]
-        points = pd.concat([frame[frame["placement"] == placement]
-                            for placement, frame in measured], ignore_index=True)
+        points = aggregate(self.published.scale_measurements(runs))
         found = tuple(p for p in (scale_point(points, placement, finding.mode)
                                   for placement in ("host", "vm")) if p is not None)
         if not found:

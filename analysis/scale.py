@@ -98,7 +98,11 @@ def summary_markdown(table: pd.DataFrame, manifest: dict[str, Any]) -> str:
 def figure_png(table: pd.DataFrame) -> bytes:
     """Three log-log panels against Services, one line per mode and kernel: the mean over
     repeats with its 95% t-interval as error bars."""
-    points = aggregate(table)
+    return points_figure_png(aggregate(table))
+
+
+def points_figure_png(points: pd.DataFrame) -> bytes:
+    """`figure_png` of points already aggregated over repeats."""
     places = sorted(points["where"].unique())
     styles = {place: style for place, style in zip(places, ("-o", "--s", ":^", "-.D"),
                                                        strict=False)}
@@ -113,7 +117,7 @@ def figure_png(table: pd.DataFrame) -> bytes:
                             fmt=styles.get(place, "-o"), color=mode_colour(str(mode)), capsize=3,
                             markersize=4, linewidth=1.2, label=f"{mode}, {place}")
             ax.set(xscale="log", yscale="log", ylabel=label,
-                   xlabel=f"Services ({table['endpoints'].iloc[0]} endpoints each)")
+                   xlabel=f"Services ({points['endpoints'].iloc[0]} endpoints each)")
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
         repeats = sorted(set(points["repeats"]))
         figure.suptitle("kube-proxy modes as Services grow, measured (backend lab; mean of "

@@ -22,6 +22,7 @@ from analysis.claim_figures import (
     make_figures,
     new_pod_share_frame,
     ready_order_load_frame,
+    scale_frame,
     write_csv,
 )
 from analysis.claims import (
@@ -252,7 +253,8 @@ def test_the_committed_claims_table_is_what_the_published_runs_give(
     claims = claims_frame(real.findings)
     for name, frame in (("claims", claims),
                         ("rolling-update-pod-load", ready_order_load_frame(real)),
-                        ("hpa-new-pod-share", new_pod_share_frame(real))):
+                        ("hpa-new-pod-share", new_pod_share_frame(real)),
+                        ("scale", scale_frame(real))):
         write_csv(frame, tmp_path / f"{name}.csv")
         regenerated = (tmp_path / f"{name}.csv").read_bytes()
         assert regenerated == (committed / f"{name}.csv").read_bytes(), (
@@ -265,7 +267,8 @@ def test_the_committed_claims_table_is_what_the_published_runs_give(
             assert (committed / line[line.index("](") + 2:-1]).is_file(), line
     figures = make_figures(real, claims, tmp_path / "once")
     again = make_figures(real, claims, tmp_path / "twice")
-    assert [f.name for f in figures] == ["claims", "rolling-update-pod-load", "hpa-new-pod-share"]
+    assert [f.name for f in figures] == ["claims", "rolling-update-pod-load", "hpa-new-pod-share",
+                                         "scale"]
     for first, second in zip(figures, again, strict=True):
         assert first.path.read_bytes() == second.path.read_bytes(), first.name
 
@@ -370,6 +373,9 @@ def test_a_newer_run_of_one_placement_replaces_only_its_points(tmp_path: Path) -
     assert [p.name for p in ipt.paths] == ["20261201T000000Z-aaaaaa", "20261202T000000Z-bbbbbb"]
     assert [p.name for p in rr.paths] == ["20261202T000000Z-bbbbbb"]
     assert rr.verdict == "REFUTED"  # judged on the newer VM points only
+    drawn = scale_frame(evaluation)  # the README's scale figure: the same points
+    assert sorted(zip(drawn["placement"], drawn["mode"], drawn["services"], strict=True)) == [
+        ("host", "iptables", 3000), ("vm", "iptables", 1000), ("vm", "ipvs-rr", 1000)]
 
 
 def test_a_scale_row_without_a_published_run_says_where_it_would_be(tmp_path: Path) -> None:
