@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from analysis.report import claim_row
 from analysis.runs import RunData, is_missing, point_label, prepare_run
@@ -61,6 +61,15 @@ class Source(_Strict):
     experiment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     claim: str
     point: dict[str, Any] = Field(default_factory=dict)
+    not_yet: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("not_yet")
+    @classmethod
+    def _modes(cls, reasons: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(reasons) - set(MODES))
+        if unknown:
+            raise ValueError(f"not a mode: {', '.join(unknown)} (modes: {', '.join(MODES)})")
+        return reasons
 
 
 class ScaleSource(_Strict):
@@ -475,8 +484,9 @@ class _Context:
         for number, source in enumerate(row.lab):
             modes = self.lab_modes(source.experiment, self.key(index, "lab", number))
             if mode in modes:
-                return (f"the lab variant {source.experiment} has this mode; no lab run of it "
-                        "in this mode is published yet")
+                return (f"the lab variant {source.experiment} has this mode; "
+                        + source.not_yet.get(mode, "no lab run of it in this mode is published "
+                                                   "yet"))
         return row.not_measured or NO_LAB_VARIANT
 
     def lab_modes(self, experiment: str, where: str) -> set[str]:

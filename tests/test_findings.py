@@ -175,6 +175,16 @@ def test_the_newest_lab_run_is_used_and_missing_modes_say_why(tmp_path: Path) ->
         "is published yet")
     assert found["ipvs-rr"].no_model == "few-connections-lab does not run this mode"
 
+    few_ipvs["not_yet"] = {"ipvs-rr": "not run yet: the VM was busy"}
+    _tree(tmp_path / "why", _rows({"id": "few", "article": "few connections skew",
+                                   "holds_when": "REFUTED", "sim": few, "lab": [few, few_ipvs]}))
+    why = load_catalogue(tmp_path / "why" / "claims.yaml")
+    evaluation = evaluate(why, published, experiments, catalogue)
+    found = {f.mode: f for f in evaluation.findings}
+    assert found["ipvs-rr"].not_measured == (
+        "the lab variant few-connections-ipvs-lab has this mode; not run yet: the VM was busy")
+    assert found["ipvs-lc"].not_measured.endswith("no lab run of it in this mode is published yet")
+
 
 @pytest.mark.parametrize(("change", "key"), [
     (lambda c: c["claims"][0].pop("meaning"), "claims.0.meaning"),
@@ -184,6 +194,8 @@ def test_the_newest_lab_run_is_used_and_missing_modes_say_why(tmp_path: Path) ->
     (lambda c: c["claims"][0]["sim"].update(point={"workload.connections": 12}),
      "claims.0.sim.point"),
     (lambda c: c["claims"].append(dict(c["claims"][0])), "claim ids repeat"),
+    (lambda c: c["claims"][0]["lab"][0].update(not_yet={"ipvs-xx": "later"}),
+     "claims.0.lab.0.not_yet"),
 ])
 def test_a_bad_catalogue_is_one_line_exit_2_and_writes_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], change: object, key: str) -> None:
