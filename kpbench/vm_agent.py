@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from io import FileIO
 from pathlib import Path
 
 PORT_NAME = "kpbench.agent"
@@ -63,18 +64,26 @@ def answer(request: dict) -> dict:
     return {"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
 
 
+def send(channel: FileIO, message: dict) -> None:
+    """One JSON line to the host. A write to the virtio port may take only part of a large
+    reply (e.g. 64 KiB of a /proc/net/ip_vs_conn), so write until all of it is taken."""
+    pending = memoryview(json.dumps(message).encode() + b"\n")
+    while pending:
+        pending = pending[channel.write(pending) or 0:]
+
+
 def main() -> int:
     for module in ("virtio_console", "virtio_net"):
         subprocess.run(["modprobe", module], check=False)
     port = find_port(PORT_NAME)
     with open(port, "r+b", buffering=0) as channel:
         reader = os.fdopen(os.dup(channel.fileno()), "rb")
-        channel.write(json.dumps({"ready": True, "kernel": os.uname().release}).encode() + b"\n")
+        send(channel, {"ready": True, "kernel": os.uname().release})
         for line in reader:
             request = json.loads(line)
             if request.get("exit"):
                 break
-            channel.write(json.dumps(answer(request)).encode() + b"\n")
+            send(channel, answer(request))
     return 0
 
 

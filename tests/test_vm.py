@@ -118,6 +118,10 @@ def test_a_session_runs_commands_until_it_is_closed() -> None:
         read = session.read("/proc/net/ip_vs", netns="n1")
         assert read.rc == 0 and read.stdout.startswith("IP Virtual Server version")
         assert session.read("/proc/net/no-such-file").rc == 1
+        big = "x" * 300_000  # more than one write to the virtio port takes (about 64 KiB)
+        assert session.run(["cat"], input_text=big).stdout == big
+        assert session.run(["sh", "-c", "cat > /tmp/big"], input_text=big).rc == 0
+        assert session.read("/tmp/big").stdout == big
         owner = os.getpid()
         assert _our_qemu(owner)
     assert _our_qemu(owner) == []
