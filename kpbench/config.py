@@ -589,8 +589,9 @@ def load(
     given = [*(f"--set {text}" for text in overrides), *([f"--seeds {seeds}"] if seeds else [])]
     if given and isinstance(raw.get("description", ""), str):
         # the description is prose about the file: say what the command line changed
-        raw["description"] = (f"{raw.get('description', '').rstrip()}\n\nRun with "
-                              f"{', '.join(given)} (the text above describes the file).")
+        stated = f"Run with {', '.join(given)} (the text above describes the file)."
+        raw["description"] = "\n\n".join(filter(None, [raw.get("description", "").strip(),
+                                                       stated]))
     experiment = validate(raw)
     count = cell_count(experiment)
     if count > max_cells:

@@ -116,6 +116,10 @@ def test_command_line_changes_are_stated_in_the_description(tmp_path: Path) -> N
     described = load(path, ["modes=[nftables]"], seeds=10).description
     assert described == ("3 seeds of iptables.\n\nRun with --set modes=[nftables], --seeds 10 "
                          "(the text above describes the file).")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: e\n")
+    assert load(bare, seeds=2).description == (
+        "Run with --seeds 2 (the text above describes the file).")
 
 
 @pytest.mark.parametrize("bad", ["novalue", "=3", "workload.connections=[1"])

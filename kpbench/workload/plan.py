@@ -43,9 +43,6 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 SUMMARY_FORMAT = "kpbench-workload-summary/1"
 
 
-CONNECT_FAILURES = ("refused", "timed out", "other")
-
-
 def connect_failure(error: BaseException) -> str:
     """How a connect failed as the client saw it: `refused` (the SYN answered by a reset or an
     ICMP port unreachable), `timed out` (no answer, e.g. beyond the node's ICMP rate limit) or
