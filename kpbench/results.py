@@ -198,7 +198,8 @@ class RunFolder:
     ) -> RunFolder:
         run_id = new_run_id()
         path = runs_dir / experiment / run_id
-        path.mkdir(parents=True, exist_ok=False)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; results are never overwritten")
         manifest = {
             "format_version": FORMAT_VERSION,
             "run_id": run_id,
@@ -215,14 +216,18 @@ class RunFolder:
             "root_seed": root_seed,
             "cells": cells,
         }
-        folder = cls(path, manifest)
+        # The folder appears with its run.json or not at all: it is staged under a temporary
+        # name and renamed, so a signal or a full disk at start-up leaves no bare folder.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = temp_path(path)
         try:
-            (path / CELLS_DIR).mkdir()
-            atomic_write_json(path / "run.json", manifest)
-        except OSError:
-            shutil.rmtree(path, ignore_errors=True)  # nothing of a run that could not start
+            (staging / CELLS_DIR).mkdir(parents=True)
+            atomic_write_json(staging / "run.json", manifest)
+            os.rename(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing of a run that could not start
             raise
-        return folder
+        return cls(path, manifest)
 
     @property
     def run_id(self) -> str:

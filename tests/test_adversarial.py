@@ -314,6 +314,22 @@ def test_a_full_filesystem_at_the_start_leaves_nothing(tmp_path: Path, mount: ob
     assert not temp_files(point) and not list(point.rglob("run.json"))
 
 
+def test_an_interrupt_while_the_run_starts_leaves_no_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run folder appears whole (with run.json) or not at all: a signal between its
+    creation and its manifest once left a bare folder."""
+    import kpbench.results as results
+
+    def interrupted(path: Path, payload: object, *, replace: bool = False) -> None:
+        path.write_text("{")  # a part written, then the signal
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results, "atomic_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        RunFolder.create(tmp_path / "runs", "tiny", "sim", {}, [], {}, root_seed=1)
+    assert list((tmp_path / "runs" / "tiny").iterdir()) == []
+
+
 @needs_root
 def test_a_full_filesystem_mid_run_keeps_every_completed_cell(
         tmp_path: Path, mount: object, reference: tuple[Path, dict]) -> None:
