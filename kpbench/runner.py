@@ -8,6 +8,7 @@ committed so far stay, and the error is raised as one `ResultsWriteError` line.
 
 from __future__ import annotations
 
+import time
 import traceback
 from contextlib import suppress
 from dataclasses import dataclass
@@ -105,6 +106,16 @@ def run_experiment(
     )
     clock = "simulated" if not backend.measured else "real"
     running: str | None = None  # the cell being run, until it is committed
+    # Without a terminal the bar shows nothing: a measured run (minutes a cell) logs each cell.
+    log_cells = backend.measured and not console.is_terminal
+
+    def commit(label: str, started: float, cell_id: str, cell_status: str, *args: Any,
+               **kwargs: Any) -> None:
+        folder.commit_cell(cell_id, cell_status, *args, **kwargs)
+        if log_cells:
+            console.print(f"{label}: {cell_status} after {time.monotonic() - started:.0f} s",
+                          highlight=False)
+
     interrupted_by, stopped, late_signal = "SIGINT", "", ""
     with signals.handled():
         try:
@@ -113,10 +124,11 @@ def run_experiment(
                                          clock="")
                 for number, cell in enumerate(cells, start=1):
                     label = f"cell {number}/{len(cells)} {cell.cell_id}"
+                    started = time.monotonic()
                     progress.update(task, completed=0, cell=label, clock="")
                     reason = backend.unsupported_reason(cell.mode)
                     if reason is not None:
-                        folder.commit_cell(cell.cell_id, "UNSUPPORTED", error=reason)
+                        commit(label, started, cell.cell_id, "UNSUPPORTED", error=reason)
                         continue
 
                     def report(elapsed: float, _label: str = label) -> None:
@@ -127,25 +139,24 @@ def run_experiment(
                     try:
                         result: CellResult = backend.run_cell(cell, report)
                     except Unsupported as exc:
-                        folder.commit_cell(cell.cell_id, "UNSUPPORTED", error=str(exc))
+                        commit(label, started, cell.cell_id, "UNSUPPORTED", error=str(exc))
                         continue
                     except Exception as exc:
                         status = "FAILED"
                         console.print(f"[red]cell {cell.cell_id} failed:[/red] {exc}")
-                        folder.commit_cell(
-                            cell.cell_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}",
-                            traceback=traceback.format_exc(limit=8),
-                        )
+                        commit(label, started, cell.cell_id, "FAILED",
+                               error=f"{exc.__class__.__name__}: {exc}",
+                               traceback=traceback.format_exc(limit=8))
                         continue
                     try:
-                        folder.commit_cell(cell.cell_id, "COMPLETED",
-                                           cell_tables(result, folder.run_id, cell),
-                                           result.artifacts, dataplane=result.dataplane)
+                        commit(label, started, cell.cell_id, "COMPLETED",
+                               cell_tables(result, folder.run_id, cell), result.artifacts,
+                               dataplane=result.dataplane)
                     except ValueError as exc:  # a value the results format cannot hold
                         status = "FAILED"
                         console.print(f"[red]cell {cell.cell_id} failed:[/red] {exc}")
-                        folder.commit_cell(cell.cell_id, "FAILED",
-                                           error=f"results not storable: {exc}")
+                        commit(label, started, cell.cell_id, "FAILED",
+                               error=f"results not storable: {exc}")
                     running = None
         except KeyboardInterrupt as exc:
             status, stopped = "INTERRUPTED", "the run was interrupted"

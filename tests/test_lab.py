@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -62,14 +63,19 @@ def write_config(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def run_lab(config: Path, out: Path, *extra: str) -> Path:
+def lab_output(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """A successful lab run's process, its output captured (not a terminal)."""
     done = subprocess.run(
         [sys.executable, "-m", "kpbench", "run", str(config), "--backend", "lab", "--out",
          str(out), "--no-report", *extra],
         capture_output=True, text=True, cwd=REPOSITORY, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return Path(done.stdout.strip().splitlines()[-1])
+    return done
+
+
+def run_lab(config: Path, out: Path, *extra: str) -> Path:
+    return Path(lab_output(config, out, *extra).stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("mode", ["iptables", "nftables"])
@@ -85,7 +91,11 @@ cluster: {{nodes: 2}}
 backend: {{replicas: {pods}, cpu_per_request_millicores: 0}}
 workload: {{clients: 3, connections: {connections}, ramp_seconds: 4}}
 """)
-    run = load_run(run_lab(config, tmp_path))
+    done = lab_output(config, tmp_path)
+    # Without a terminal there is no progress bar: each measured cell gets a line instead.
+    assert re.search(rf"^cell 1/1 {mode}-s1: COMPLETED after \d+ s$", done.stderr, re.M), \
+        done.stderr
+    run = load_run(Path(done.stdout.strip().splitlines()[-1]))
     (cell,) = run.cells
     assert cell["status"] == "COMPLETED" and cell["dataplane"]["verified"]
     last = run.samples[run.samples["t"] == run.samples["t"].max()]
