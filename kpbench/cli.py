@@ -351,7 +351,7 @@ def cmd_findings(args: argparse.Namespace, out: Console) -> int:
     written = write_findings(args.published, args.readme, args.experiments,
                              args.catalogue or CATALOGUE)
     findings = written.evaluation.findings
-    measured = sum(1 for f in findings if f.measured is not None)
+    measured = sum(1 for f in findings if f.measured is not None or f.scale is not None)
     split = [f"{f.row.id}/{f.mode}" for f in findings if f.agreement in ("DISAGREE", "differ")]
     out.print(f"findings: {len(written.evaluation.catalogue.claims)} claims x 5 modes, "
               f"{measured} measured on the lab; lab and model verdicts differ in "
