@@ -142,6 +142,10 @@ def _write_summary(exit_code: int, **_: Any) -> None:
 @events.init.add_listener
 def _remember_environment(environment: Any, **_: Any) -> None:
     users.LongConnectionUser.environment_ref = environment
+    # gevent's timers count from the loop's cached clock, which stands still while start-up
+    # blocks (imports take seconds on a slow machine): --run-time's timer, set right after this
+    # event, would otherwise expire at once. Bring the clock up to date first.
+    gevent.get_hub().loop.update_now()
     if PLAN.connection_changes and not isinstance(environment.runner, WorkerRunner):
         # A headless run with a load shape waits for the shape before Locust installs its own
         # SIGTERM handler, so SIGTERM would kill the process without its CSVs and summary.
